@@ -1,0 +1,13 @@
+"""v4lens: a hookable, faithful DeepSeek-V4 for mechanistic interpretability."""
+
+from .cache import V4ActivationCache
+from .config import PRESETS, V4Config, preset
+from .loading import canonical_name, init_weights, load
+from .model import HookedV4
+from .tokenizer import load_tokenizer
+
+__all__ = [
+    "HookedV4", "V4ActivationCache", "V4Config", "PRESETS", "preset", "load", "load_tokenizer",
+    "init_weights", "canonical_name",
+]  # fmt: skip
+__version__ = "0.1.0"

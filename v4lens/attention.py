@@ -1,0 +1,160 @@
+"""Shared-KV multi-query attention with a sliding window, compressed entries and a sink (SPEC §A4, §A7).
+
+Each query attends over its candidate set only: the W most recent tokens (itself included),
+then, on a CSA layer, the entries the Lightning Indexer picked, or, on an HCA layer, every
+compressed entry visible so far. Candidates are gathered per query ([b, p, K, c]), never
+materialised as an S×S mask, and long inputs are processed in query chunks, so memory and
+time grow with S·K. One key vector serves as key and value for every head; its rotary part
+is undone on the output (the "-i rotation") so values carry relative position. Heads are
+projected out in groups (wo_a per group, then wo_b).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+
+from .compressor import Compressor
+from .config import V4Config
+from .indexer import Indexer, visible_entries
+from .norm import RMSNorm
+from .params import fp32_param, is_hooked, param
+from .rope import apply_rope, rope_frequencies
+
+
+def window_index(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """Raw-token candidates of each query: t-W+1 .. t, oldest first, -1 before the sequence start. [S, W]."""
+    idx = positions[:, None] + torch.arange(1 - window, 1, device=positions.device)
+    return torch.where(idx >= 0, idx, -1)
+
+
+def compressed_index(positions: torch.Tensor, n_entries: int, ratio: int) -> torch.Tensor:
+    """HCA candidates: every entry w, -1 where not yet visible (w >= (t+1)//m). [S, T]."""
+    w = torch.arange(n_entries, device=positions.device)
+    return torch.where(w[None, :] < visible_entries(positions, ratio)[:, None], w[None, :], -1)
+
+
+class Attention(nn.Module):
+    """One attention sub-layer.
+
+    Hooks (b batch, p query, h heads, c head_dim, K candidates per query):
+    `hook_q_latent` [b,p,q_lora_rank], `hook_q` [b,p,h,c], `hook_kv` [b,p,c],
+    `hook_key_index` [b,p,K] int64 (0..S-1 raw token, S+w compressed entry w, -1 empty),
+    `hook_attn_scores` [b,h,p,K] fp32, `hook_sink_logit` [b,h,p] fp32, `hook_sink` [b,h,p]
+    (observational), `hook_pattern` [b,h,p,K] fp32 (rows sum to 1 - sink), `hook_z` [b,p,h,c],
+    `hook_result` [b,p,h,d] (only with cfg.use_attn_result).
+    """
+
+    def __init__(self, cfg: V4Config, layer: int, device=None):
+        super().__init__()
+        self.cfg = cfg
+        self.layer_type = cfg.layer_type(layer)
+        self.ratio = cfg.compress_ratio(layer)
+        H, c, D, dtype = cfg.n_heads, cfg.head_dim, cfg.d_model, cfg.dtype
+        G, R_o = cfg.o_groups, cfg.o_lora_rank
+        self.wq_a = param((cfg.q_lora_rank, D), dtype, device)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, device=device)
+        self.wq_b = param((H * c, cfg.q_lora_rank), dtype, device)
+        self.wkv = param((c, D), dtype, device)
+        self.kv_norm = RMSNorm(c, cfg.norm_eps, device=device)
+        self.wo_a = param((G * R_o, H * c // G), dtype, device)
+        self.wo_b = param((D, G * R_o), dtype, device)
+        self.attn_sink = fp32_param(torch.empty(H, device=device))
+        self.compressor = Compressor(cfg, self.ratio, c, device=device) if self.ratio else None
+        self.indexer = Indexer(cfg, device=device) if self.layer_type == "csa" else None
+        self._freqs: dict[torch.device, torch.Tensor] = {}  # per device, built on first use
+
+        self.hook_q_latent = HookPoint()
+        self.hook_q = HookPoint()
+        self.hook_kv = HookPoint()
+        self.hook_key_index = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_sink_logit = HookPoint()
+        self.hook_sink = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        if cfg.use_attn_result:
+            self.hook_result = HookPoint()
+
+    def freqs(self, device: torch.device) -> torch.Tensor:
+        """This layer's rotary frequencies (fp32 [rope_head_dim/2]), shared by q, kv, compressors and indexer."""
+        if device not in self._freqs:
+            self._freqs[device] = rope_frequencies(self.cfg, compressed=self.ratio != 0).to(device)
+        return self._freqs[device]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [b,S,D] (attn-normed), positions [S] absolute -> [b,S,D]."""
+        cfg = self.cfg
+        b, S, _ = x.shape
+        H, c = cfg.n_heads, cfg.head_dim
+        freqs = self.freqs(x.device)
+
+        q_latent = self.hook_q_latent(self.q_norm(F.linear(x, self.wq_a)))
+        q = F.linear(q_latent, self.wq_b).view(b, S, H, c)
+        q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + cfg.norm_eps)  # unweighted, model dtype
+        q = self.hook_q(apply_rope(q, positions, freqs))
+        kv = self.hook_kv(apply_rope(self.kv_norm(F.linear(x, self.wkv)), positions, freqs))
+
+        key_index = window_index(positions, cfg.window_size)[None].expand(b, S, -1)
+        keys = kv
+        if self.compressor is not None:
+            entries = self.compressor(x, freqs)  # [b,T,c]
+            T = entries.shape[1]
+            if self.indexer is not None:
+                picks = self.indexer(x, q_latent, positions, freqs)
+                # edits may name any entry: keep only real, visible ones (causality)
+                ok = (picks >= 0) & (picks < visible_entries(positions, 4)[:, None])
+                comp = torch.where(ok, picks, -1)
+            else:
+                comp = compressed_index(positions, T, self.ratio)[None].expand(b, S, -1)
+            key_index = torch.cat([key_index, torch.where(comp >= 0, comp + S, -1)], dim=-1)
+            keys = torch.cat([kv, entries], dim=1)  # [b, S+T, c]
+        key_index = self.hook_key_index(key_index)
+
+        sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].expand(b, H, S))
+        z = self._attend(q, keys, key_index, sink_logit)  # [b,S,H,c]
+        z = self.hook_z(apply_rope(z, positions, freqs, inverse=True))
+        return self._project_out(z)
+
+    def _attend(
+        self, q: torch.Tensor, keys: torch.Tensor, key_index: torch.Tensor, sink_logit: torch.Tensor
+    ) -> torch.Tensor:
+        """Softmax over each query's gathered candidates plus the sink logit; the sink column is dropped.
+
+        q [b,S,H,c], keys [b,N,c] (raw tokens then compressed entries), key_index [b,S,K],
+        sink_logit [b,H,S] -> z [b,S,H,c].
+        """
+        b, S, H, c = q.shape
+        hooked = any(is_hooked(h) for h in (self.hook_attn_scores, self.hook_pattern, self.hook_sink))
+        chunk = S if hooked else self.cfg.attn_chunk_size
+        batch = torch.arange(b, device=q.device)[:, None, None]
+        scale = c**-0.5
+        out = []
+        for s0 in range(0, S, chunk):
+            s1 = min(S, s0 + chunk)
+            index = key_index[:, s0:s1]
+            cand = keys[batch, index.clamp(min=0)]  # [b,s,K,c]
+            scores = torch.einsum("bphc,bpkc->bhpk", q[:, s0:s1].float(), cand.float()) * scale
+            scores = self.hook_attn_scores(scores.masked_fill((index < 0)[:, None], float("-inf")))
+            logits = torch.cat([scores, sink_logit[:, :, s0:s1, None].float()], dim=-1)
+            probs = torch.softmax(logits, dim=-1)
+            self.hook_sink(probs[..., -1])
+            pattern = self.hook_pattern(probs[..., :-1])
+            out.append(torch.einsum("bhpk,bpkc->bphc", pattern.to(cand.dtype), cand))
+        return torch.cat(out, dim=1)
+
+    def _project_out(self, z: torch.Tensor) -> torch.Tensor:
+        """Grouped output projection: group g's heads -> wo_a[g] (R_o) -> concat -> wo_b. [b,S,H,c] -> [b,S,D]."""
+        cfg = self.cfg
+        b, S, H, c = z.shape
+        G, R_o = cfg.o_groups, cfg.o_lora_rank
+        wo_a = self.wo_a.view(G, R_o, H // G, c)
+        if cfg.use_attn_result:
+            # per-head write into d: exact, since both projections are linear
+            u = torch.einsum("bsgjc,grjc->bsgjr", z.view(b, S, G, H // G, c), wo_a)
+            result = torch.einsum("bsgjr,dgr->bsgjd", u, self.wo_b.view(-1, G, R_o)).reshape(b, S, H, -1)
+            return self.hook_result(result).sum(dim=2)
+        u = torch.einsum("bsgi,gri->bsgr", z.reshape(b, S, G, H // G * c), wo_a.flatten(2))
+        return F.linear(u.flatten(2), self.wo_b)

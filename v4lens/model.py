@@ -1,0 +1,289 @@
+"""`HookedV4`: the whole DeepSeek-V4 model on TransformerLens's hook machinery.
+
+tokens -> embed -> copy into n streams -> blocks -> hc_head -> final RMSNorm -> fp32 head,
+with logits for every position (SPEC decision 6) and the MTP blocks on request.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.HookedRootModule import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .block import Block
+from .config import V4Config
+from .hyper_connections import HyperHead
+from .mtp import MTPBlock
+from .norm import RMSNorm
+from .params import fp32_param, is_fp32_island, param
+
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class HookedV4(HookedRootModule):
+    """DeepSeek-V4 with a named `HookPoint` on every stream and routing decision (../shared/HOOKS.md).
+
+    Build it with `v4lens.load(...)`; `HookedV4(cfg)` alone leaves the weights uninitialised.
+    `forward(input, return_type="logits")` takes a string, a list of strings or int64 tokens
+    [b, p] / [p] and returns fp32 logits [b, p, d_vocab]; `mtp=True` also returns the MTP
+    logits. `run_with_cache` returns a `V4ActivationCache`.
+    """
+
+    def __init__(self, cfg: V4Config, device=None, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.d_vocab
+        self.embed = nn.Module()
+        self.embed.weight = param((V, D), cfg.dtype, device)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg, layer, device=device) for layer in range(cfg.n_layers))
+        self.hc_head = HyperHead(cfg, device=device)
+        self.ln_final = RMSNorm(D, cfg.norm_eps, device=device)
+        self.head = nn.Module()
+        self.head.weight = fp32_param(torch.empty(V, D, device=device))  # fp32 logits head (SPEC §C2)
+        self.hook_logits = HookPoint()
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i, device=device) for i in range(cfg.n_mtp_layers))
+        self._tokenizer = tokenizer
+        self.setup()
+
+    # ------------------------------------------------------------------ TL protocol
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding [d_model, d_vocab] (fp32)."""
+        return self.head.weight.T
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        return self.embed.weight
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self._tokenizer = tok
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> torch.Tensor:
+        """Text -> int64 tokens [b, p] on the model's device.
+
+        BOS is prepended (TransformerLens's default) unless the text already starts with it, as a
+        rendered chat prompt does. A list of strings of different lengths is right-padded with
+        the pad token: causal attention keeps pads from affecting earlier positions.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("to_tokens got an empty list of strings")
+        rows = []
+        for t in texts:
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if prepend_bos and (not ids or ids[0] != self.cfg.bos_token_id):
+                ids = [self.cfg.bos_token_id] + ids
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise ValueError("the text tokenizes to nothing; pass non-empty text or prepend_bos=True")
+        out = torch.full((len(rows), width), self.cfg.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(self.cfg.device or "cpu")
+
+    def to_str_tokens(self, input: str | torch.Tensor | Sequence[int], prepend_bos: bool = True) -> list:
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+        if isinstance(input, torch.Tensor):
+            if input.ndim == 2:
+                return [self.to_str_tokens(row) for row in input]
+            input = input.tolist()
+        return [self.tokenizer.decode([i]) for i in input]
+
+    def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
+        if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
+            return [self.tokenizer.decode(row.tolist()) for row in tokens]
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        return self.tokenizer.decode(list(tokens))
+
+    def to_single_token(self, string: str) -> int:
+        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {ids}")
+        return ids[0]
+
+    # ------------------------------------------------------------------ device / dtype
+    def to(self, *args, **kwargs):
+        """Like `nn.Module.to`, but fp32 islands stay fp32 and `cfg.device` / `cfg.dtype` follow."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"v4lens runs in float32 or bfloat16, not {dtype}")
+        if dtype is not None:
+            islands = {id(p) for p in self.parameters() if is_fp32_island(p)}
+            for p in self.parameters():
+                if id(p) not in islands and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            self.cfg.dtype = dtype
+        if device is not None:
+            for t in list(self.parameters()) + list(self.buffers()):
+                t.data = t.data.to(device)
+            self.cfg.device = torch.device(device)
+        return self
+
+    def cuda(self, device=None):
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def half(self):
+        raise ValueError("v4lens runs in float32 or bfloat16 (SPEC decision 3); use .to(torch.bfloat16)")
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: str | Sequence[str] | torch.Tensor,
+        return_type: ReturnType = "logits",
+        mtp: bool = False,
+        mtp_next_tokens: torch.Tensor | None = None,
+        loss_per_token: bool = False,
+    ):
+        """Run the model.
+
+        input: text, list of texts, or int64 tokens [b, p] / [p].
+        return_type: "logits" (fp32 [b,p,V]), "loss" (mean next-token cross-entropy),
+        "both" ((logits, loss)) or None (stop after the last block).
+        mtp: also run the MTP blocks; the result becomes `(result, mtp_logits)` with
+        mtp_logits a list of fp32 [b,p,V] (depth j at position t predicts token t+2+j).
+        mtp_next_tokens: tokens [b, n_mtp] to use after the last position instead of the
+        greedy draft (the argmax of the previous head there).
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        tokens = self._validate_tokens(input)
+        b, S = tokens.shape
+        positions = torch.arange(S, device=tokens.device)
+
+        embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
+        streams = embed[:, :, None, :].expand(b, S, self.cfg.hc_mult, -1)
+        for block in self.blocks:
+            streams = block(streams, positions, tokens)
+        if return_type is None and not mtp:
+            return None
+
+        logits = self._unembed(streams)
+        result = None
+        if return_type == "logits":
+            result = logits
+        elif return_type is not None:
+            loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+            result = loss if return_type == "loss" else (logits, loss)
+        if not mtp:
+            return result
+        return result, self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens)
+
+    def _unembed(self, streams: torch.Tensor) -> torch.Tensor:
+        h = self.ln_final(self.hc_head(streams))
+        return self.hook_logits(F.linear(h.float(), self.head.weight))
+
+    def _run_mtp(self, streams, tokens, logits, positions, next_tokens) -> list[torch.Tensor]:
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP blocks (cfg.n_mtp_layers = 0)")
+        b, S = tokens.shape
+        if next_tokens is not None:
+            next_tokens = torch.as_tensor(next_tokens, device=tokens.device).reshape(b, -1)
+            self._check_token_range(next_tokens)
+        out = []
+        stream, prev_logits, shifted = streams, logits, tokens
+        for j, block in enumerate(self.mtp):
+            # token t+1+j for every position t: the real one where it exists, else a draft
+            if next_tokens is not None and next_tokens.shape[1] > j:
+                last = next_tokens[:, j : j + 1]
+            else:
+                last = prev_logits[:, -1:].argmax(-1)
+            shifted = torch.cat([shifted[:, 1:], last], dim=1)
+            stream = block(stream, F.embedding(shifted, self.embed.weight), positions)
+            prev_logits = block.logits(stream, self.head.weight)
+            out.append(prev_logits)
+        return out
+
+    # ------------------------------------------------------------------ input checks
+    def _validate_tokens(self, input) -> torch.Tensor:
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            input = self.to_tokens(input)
+        if isinstance(input, (list, tuple)):
+            input = torch.tensor(input, dtype=torch.long)
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be text, a list of texts or an int64 token tensor, got {type(input).__name__}")
+        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got {input.dtype}")
+        if input.ndim == 1:
+            input = input[None]
+        if input.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(input.shape)}")
+        if input.numel() == 0:
+            raise ValueError(f"empty input: tokens of shape {tuple(input.shape)}")
+        if input.device != self.device:
+            raise ValueError(
+                f"tokens are on {input.device} but the model is on {self.device}; move them with .to(model.device)"
+            )
+        input = input.long()
+        self._check_token_range(input)
+        return input
+
+    def _check_token_range(self, tokens: torch.Tensor) -> None:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got values in [{lo}, {hi}]")
+
+    # ------------------------------------------------------------------ caching
+    def run_with_cache(self, *args, **kwargs):
+        """TransformerLens's `run_with_cache`, returning a stream-aware `V4ActivationCache`."""
+        from .cache import V4ActivationCache
+
+        remove_batch_dim = kwargs.get("remove_batch_dim", False)
+        out, cache_dict = super().run_with_cache(*args, **kwargs)
+        return out, V4ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+
+    def check_hook_names(self, names) -> None:
+        """Raise a KeyError naming every unknown hook (with near matches) in `names`."""
+        unknown = [n for n in names if isinstance(n, str) and n not in self.hook_dict]
+        if unknown:
+            import difflib
+
+            hints = {n: difflib.get_close_matches(n, self.hook_dict, n=3) for n in unknown}
+            raise KeyError(f"unknown hook name(s): {hints} (see HOOKS.md or model.hook_dict)")
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
+        self.check_hook_names([n for n, _ in list(fwd_hooks) + list(bwd_hooks)])
+        return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        if isinstance(name, str):
+            self.check_hook_names([name])
+        return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+
+def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy: logits [b,p,V] fp32, tokens [b,p] -> scalar (or [b,p-1])."""
+    if tokens.shape[1] < 2:
+        raise ValueError("a loss needs at least two tokens per sequence")
+    logprobs = logits[:, :-1].log_softmax(-1)
+    nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+    return nll if per_token else nll.mean()
