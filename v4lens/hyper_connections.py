@@ -17,15 +17,15 @@ from .config import V4Config
 from .params import fp32_param
 
 
-def flat_mixes(streams: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+def flat_mixes(streams32: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """Raw mixes μ = (fn · vec(X)) · rsqrt(mean(vec(X)^2) + eps): one RMS statistic over all n·d values.
 
-    streams [b, p, n, d] -> [b, p, rows of fn], fp32. The GEMM runs on the un-normalised
-    streams and is scaled afterwards, as the reference kernel does.
+    streams32 [b, p, n, d] fp32 -> [b, p, rows of fn], fp32. The GEMM runs on the
+    un-normalised streams and is scaled afterwards, as the reference kernel does.
     """
-    flat = streams.flatten(-2).float()
-    rsqrt = torch.rsqrt(flat.square().mean(-1, keepdim=True) + eps)
-    return torch.nn.functional.linear(flat, fn.float()) * rsqrt
+    flat = streams32.flatten(-2)
+    mean_square = torch.linalg.vector_norm(flat, dim=-1, keepdim=True).square() / flat.shape[-1]
+    return torch.nn.functional.linear(flat, fn.float()) * torch.rsqrt(mean_square + eps)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -42,18 +42,21 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return comb
 
 
-def collapse(streams: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """y = Σ_j pre_j · X_j in fp32, one cast: [b, p, n, d], [b, p, n] -> [b, p, d]."""
-    return torch.einsum("bpn,bpnd->bpd", pre, streams.float()).to(streams.dtype)
+def collapse(streams32: torch.Tensor, pre: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """y = Σ_j pre_j · X_j in fp32, one cast: [b, p, n, d] fp32, [b, p, n] -> [b, p, d]."""
+    return torch.einsum("bpn,bpnd->bpd", pre, streams32).to(dtype)
 
 
-def expand(out: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+def expand(
+    out: torch.Tensor, streams32: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """hc_post: X'_k = post_k · f + Σ_j comb[j, k] · X_j (contracts comb's FIRST index), fp32, one cast.
 
-    out [b, p, d], streams [b, p, n, d], post [b, p, n], comb [b, p, n, n] -> [b, p, n, d].
+    out [b, p, d], streams32 [b, p, n, d] fp32 (the streams that entered hc_pre),
+    post [b, p, n], comb [b, p, n, n] -> [b, p, n, d] in `dtype`.
     """
-    mixed = torch.einsum("bpjk,bpjd->bpkd", comb, streams.float())
-    return (mixed + post[..., None] * out.float()[:, :, None, :]).to(streams.dtype)
+    mixed = torch.einsum("bpjk,bpjd->bpkd", comb, streams32)
+    return torch.addcmul(mixed, post[..., None], out.float()[:, :, None, :]).to(dtype)
 
 
 class HyperConnection(nn.Module):
@@ -77,10 +80,10 @@ class HyperConnection(nn.Module):
         self.hook_comb = HookPoint()
         self.hook_out = HookPoint()
 
-    def mixings(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """streams [b,p,n,d] -> (pre [b,p,n], post [b,p,n], comb [b,p,n,n]), fp32, through the hooks."""
+    def mixings(self, streams32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams32 [b,p,n,d] fp32 -> (pre [b,p,n], post [b,p,n], comb [b,p,n,n]), fp32, through the hooks."""
         n = self.n
-        mixes = self.hook_mixes(flat_mixes(streams, self.fn, self.norm_eps))
+        mixes = self.hook_mixes(flat_mixes(streams32, self.fn, self.norm_eps))
         m_pre, m_post, m_comb = mixes.split([n, n, n * n], dim=-1)
         b_pre, b_post, b_comb = self.base.split([n, n, n * n])
         pre = torch.sigmoid(m_pre * self.scale[0] + b_pre) + self.hc_eps
@@ -89,10 +92,11 @@ class HyperConnection(nn.Module):
         comb = sinkhorn(comb_logits, self.iters, self.hc_eps)
         return self.hook_pre(pre), self.hook_post(post), self.hook_comb(comb)
 
-    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """streams [b,p,n,d] -> (collapsed input [b,p,d], post, comb)."""
-        pre, post, comb = self.mixings(streams)
-        return self.hook_out(collapse(streams, pre)), post, comb
+    def forward(self, streams32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams32 [b,p,n,d] fp32 (upcast once by the caller, who reuses it for `expand`)
+        -> (collapsed sub-layer input [b,p,d] in `dtype`, post, comb)."""
+        pre, post, comb = self.mixings(streams32)
+        return self.hook_out(collapse(streams32, pre, dtype)), post, comb
 
 
 class HyperHead(nn.Module):
@@ -112,6 +116,7 @@ class HyperHead(nn.Module):
         self.hook_out = HookPoint()
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mixes = flat_mixes(streams, self.fn, self.norm_eps)
+        streams32 = streams.float()
+        mixes = flat_mixes(streams32, self.fn, self.norm_eps)
         pre = self.hook_pre(torch.sigmoid(mixes * self.scale + self.base) + self.hc_eps)
-        return self.hook_out(collapse(streams, pre))
+        return self.hook_out(collapse(streams32, pre, streams.dtype))
