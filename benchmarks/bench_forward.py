@@ -1,0 +1,895 @@
+#!/usr/bin/env python
+"""Forward-pass benchmark: v4lens against transformers' `DeepseekV4ForCausalLM`, same weights.
+
+Both models are built from the same seeded random init (`v4lens.load(preset)`, then
+`v4lens.hf.hf_model_like`), run on the same random tokens under `torch.inference_mode()`,
+and timed after a short warm-up. Every configuration runs in its own fresh worker process
+(this script re-invoked with `--worker`), so peak-memory numbers are not polluted by the
+other model or by earlier runs:
+
+* CPU: peak RSS minus the RSS just before the run (after loading, warm-up, gc and
+  malloc_trim). The kernel's high-water mark is reset first (`echo 5 > /proc/self/clear_refs`);
+  where that is not allowed a 1 ms RSS sampler thread is used instead.
+* CUDA (`--device cuda`): `torch.cuda.max_memory_allocated()` minus the allocated memory
+  just before the run.
+
+Reported per dtype and sequence length:
+
+* v4lens vs transformers: time, tokens/s, peak memory, speed-up, memory ratio;
+* v4lens hook overhead: `run_with_cache` (every hook point cached) vs plain forward, and
+  plain forward with idle hook points vs the same code with every HookPoint stripped
+  (its class swapped for one whose `__call__` returns its input, so not even
+  `nn.Module.__call__` runs). Each worker first checks that stripping is exact (bit-identical
+  logits) and really bypasses hooks (a hook on every point fires when idle, never when stripped).
+
+`--scaling` measures peak memory against sequence length (default: mini-3b cut to 4 layers,
+bf16, 1k-8k) for v4lens and transformers, and reports the growth exponent and the
+v4lens/transformers memory ratio at the longest length.
+
+Examples (see benchmarks/README.md):
+
+    python benchmarks/bench_forward.py --preset tiny --lengths 64,128 --dtypes fp32,bf16
+    python benchmarks/bench_forward.py --preset mini-3b --dtypes bf16 \\
+        --lengths 1024,2048,4096,8192 --hf-max-len 4096 --cache-max-len 4096 --out results.md
+    python benchmarks/bench_forward.py --scaling --out scaling.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import ctypes
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MARK = "@@BENCH "  # prefix of the worker's machine-readable stdout lines
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing v4lens
+    sys.path.insert(0, str(REPO))
+
+
+# ============================================================================ memory probes
+def _proc_status(field: str, pid: int | str = "self") -> int | None:
+    """A `kB` field of /proc/<pid>/status, in bytes (None where unavailable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap memory back to the OS (glibc), so the next baseline is a clean one."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class HostPeak:
+    """Peak RSS of this process during a window, minus the RSS at its start."""
+
+    def __init__(self):
+        self.method = "VmHWM reset via /proc/self/clear_refs"
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            if _proc_status("VmHWM") is None:
+                raise OSError("no VmHWM")
+        except OSError:
+            self.method = "RSS sampled every 1 ms"
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self) -> None:
+        gc.collect()
+        _malloc_trim()
+        self.base = _proc_status("VmRSS") or 0
+        if self.method.startswith("VmHWM"):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.base = _proc_status("VmRSS") or self.base
+        else:
+            self._peak = self.base
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._peak = max(self._peak, _proc_status("VmRSS") or 0)
+            time.sleep(0.001)
+
+    def stop(self) -> int:
+        if self.method.startswith("VmHWM"):
+            peak = _proc_status("VmHWM") or 0
+        else:
+            self._stop.set()
+            self._thread.join()
+            peak = max(self._peak, _proc_status("VmRSS") or 0)
+        return max(0, peak - self.base)
+
+
+class CudaPeak:
+    """`torch.cuda.max_memory_allocated()` during a window, minus what was allocated at its start."""
+
+    method = "torch.cuda.max_memory_allocated"
+
+    def start(self) -> None:
+        import torch
+
+        gc.collect()
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self.base = torch.cuda.memory_allocated()
+
+    def stop(self) -> int:
+        import torch
+
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - self.base)
+
+
+# ============================================================================ hook stripping
+def _stripped_class():
+    import torch.nn as nn
+
+    class StrippedHookPoint(nn.Module):
+        """A HookPoint reduced to the identity: `__call__` itself returns the input, so neither
+        `nn.Module.__call__` nor any forward hook (local or global) runs."""
+
+        def forward(self, x):
+            return x
+
+        def __call__(self, x):
+            return x
+
+    return StrippedHookPoint
+
+
+class strip_hook_points:
+    """Context manager: every HookPoint of `model` becomes a `StrippedHookPoint` (restored on exit)."""
+
+    def __init__(self, model):
+        from transformer_lens.hook_points import HookPoint
+
+        self.points = [m for m in model.modules() if isinstance(m, HookPoint)]
+        self.cls = _stripped_class()
+
+    def __enter__(self):
+        self.saved = [(m, m.__class__) for m in self.points]
+        for m in self.points:
+            m.__class__ = self.cls
+        return self
+
+    def __exit__(self, *exc):
+        for m, cls in self.saved:
+            m.__class__ = cls
+        return False
+
+
+def check_stripping(model, tokens) -> dict:
+    """Stripping is exact (bit-identical logits) and bypasses hooks (none fires while stripped)."""
+    import torch
+
+    idle = model(tokens)
+    with strip_hook_points(model) as s:
+        stripped = model(tokens)
+    n_points = len(s.points)
+    calls: list[str] = []
+
+    def count(act, hook):
+        calls.append(hook.name)
+        return act
+
+    for name in model.hook_dict:
+        model.add_hook(name, count)
+    try:
+        model(tokens)
+        fired_idle, distinct_idle = len(calls), len(set(calls))
+        calls.clear()
+        with strip_hook_points(model):
+            model(tokens)
+        fired_stripped = len(calls)
+    finally:
+        model.reset_hooks(including_permanent=False)
+    model(tokens)
+    remaining = len(calls) - fired_stripped  # after reset_hooks: nothing may fire either
+    out = {
+        "hook_points": n_points,
+        "logits_bit_identical": bool(torch.equal(idle, stripped)),
+        "hook_calls_with_hooks": fired_idle,
+        "distinct_hook_points_fired": distinct_idle,
+        "hook_calls_while_stripped": fired_stripped,
+        "restored": all(type(m).__name__ == "HookPoint" for m in s.points) and remaining == 0,
+    }
+    out["ok"] = (
+        out["logits_bit_identical"]
+        and fired_idle > 0
+        and fired_stripped == 0
+        and out["restored"]
+    )
+    return out
+
+
+# ============================================================================ worker
+def _emit(kind: str, **payload) -> None:
+    print(MARK + json.dumps({"kind": kind, **payload}), flush=True)
+
+
+def _cache_bytes(cache) -> tuple[int, int]:
+    """Bytes held by a run_with_cache cache (each storage counted once) and its number of entries."""
+    seen, total = set(), 0
+    for t in cache.cache_dict.values():
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total, len(cache.cache_dict)
+
+
+def run_worker(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import v4lens
+    from v4lens.config import resolve_dtype
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    probe = CudaPeak() if cuda else HostPeak()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    job = spec["job"]
+    dtype = resolve_dtype(spec["dtype"])
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
+        load_s = time.perf_counter() - t0
+
+        gen = torch.Generator().manual_seed(spec["seed"] + 1)
+        lo = min(3, model.cfg.d_vocab - 1)
+        tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
+        warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
+
+        if job == "hf":
+            from v4lens.hf import hf_model_like
+
+            t0 = time.perf_counter()
+            hf = hf_model_like(model, dtype=dtype, device=device)
+            load_s += time.perf_counter() - t0
+            # the weights really are the same: compare logits on the warm-up tokens
+            ours = model(warm).float()
+            theirs = hf(input_ids=warm, use_cache=False).logits.float()
+            parity = {
+                "max_abs_diff": float((ours - theirs).abs().max()),
+                "max_abs_logit": float(ours.abs().max()),
+                "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+                "tokens": int(warm.shape[1]),
+            }
+            del ours, theirs, model
+            gc.collect()
+            _malloc_trim()
+            if cuda:
+                torch.cuda.empty_cache()
+
+            def fn():
+                return hf(input_ids=tokens, use_cache=False).logits
+
+            hf(input_ids=warm, use_cache=False)  # warm-up
+        elif job == "v4lens-cache":
+            parity = None
+
+            def fn():
+                return model.run_with_cache(tokens)
+
+            model.run_with_cache(warm)  # warm-up
+        else:
+            parity = None
+
+            def fn():
+                return model(tokens)
+
+            model(warm)  # warm-up
+
+        sync()
+        gc.collect()
+        _malloc_trim()
+        base_mem = torch.cuda.memory_allocated() if cuda else _proc_status("VmRSS")
+        _emit("loaded", load_s=load_s, base_mem=base_mem, parity=parity, mem_method=probe.method,
+              threads=torch.get_num_threads())  # fmt: skip
+
+        def measure(f):
+            probe.start()
+            sync()
+            t0 = time.perf_counter()
+            out = f()
+            sync()
+            dt = time.perf_counter() - t0
+            extra = {}
+            if job == "v4lens-cache" and f is fn:
+                extra["cache_bytes"], extra["cache_entries"] = _cache_bytes(out[1])
+            peak = probe.stop()
+            del out
+            return dt, peak, extra
+
+        # 1. the measured runs (the first one starts right after the post-load baseline)
+        for r in range(spec["repeat"]):
+            dt, peak, extra = measure(fn)
+            _emit("run", mode="cache" if job == "v4lens-cache" else "forward", rep=r, time_s=dt, peak_bytes=peak, **extra)
+
+        # 2. idle hook points vs stripped, interleaved (alternating order) in the same process
+        if job == "v4lens" and spec["stripped"]:
+            check = check_stripping(model, warm)
+            _emit("strip_check", **check)
+            if not check["ok"]:
+                raise RuntimeError(f"hook stripping check failed: {check}")
+
+            def stripped():
+                with strip_hook_points(model):
+                    return model(tokens)
+
+            for r in range(spec["repeat"]):
+                order = [("idle", fn), ("stripped", stripped)]
+                for mode, f in order if r % 2 == 0 else order[::-1]:
+                    dt, peak, _ = measure(f)
+                    _emit("run", mode=mode, rep=r, time_s=dt, peak_bytes=peak)
+    _emit("done")
+
+
+# ============================================================================ orchestration
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def config_overrides(args) -> dict:
+    """Config field overrides from --layers and --set (the preset's layer pattern is kept)."""
+    import v4lens
+
+    over = {}
+    for item in args.set or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        over[key.strip()] = _parse_value(value.strip())
+    if args.layers is not None:
+        base = v4lens.preset(args.preset, **{k: v for k, v in over.items() if k != "n_layers"})
+        n, ratios = args.layers, list(base.compress_ratios)
+        tail = ratios[base.n_layers :]  # the MTP blocks' ratios, if the preset lists them
+        over.setdefault("compress_ratios", tuple(ratios[:n] + tail) if n <= base.n_layers else None)
+        if over["compress_ratios"] is None:
+            raise SystemExit(f"--layers {n} > the preset's {base.n_layers} layers: give --set compress_ratios=(...)")
+        over["n_layers"] = n
+        over.setdefault("n_hash_layers", min(base.n_hash_layers, n))
+    return over
+
+
+def machine_info(args) -> dict:
+    import torch
+
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_total = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem_total = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("transformers", "transformer_lens", "v4lens"):
+        try:
+            versions[mod] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            versions[mod] = None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        commit = commit + ("+dirty" if dirty else "") if commit else None
+    except OSError:
+        commit = None
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "threads": args.threads,
+        "mem_total_bytes": mem_total,
+        "platform": platform.platform(),
+        "versions": versions,
+        "git_commit": commit,
+        "device": args.device,
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_job(spec: dict, args, log) -> dict:
+    """Run one worker; watch its RSS (kill above --max-rss-gb) and its time (kill after --job-timeout)."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    env = dict(os.environ)
+    env.setdefault("PYTHONPATH", str(REPO))
+    if str(REPO) not in env["PYTHONPATH"].split(os.pathsep):
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env["PYTHONPATH"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(REPO))
+    events: list[dict] = []
+    err_tail: list[str] = []
+
+    def read_out():
+        for line in proc.stdout:
+            if line.startswith(MARK):
+                events.append(json.loads(line[len(MARK) :]))
+                ev = events[-1]
+                if ev["kind"] == "run":
+                    log(f"    {ev['mode']:<8} rep {ev['rep']}: {ev['time_s']:.3f} s, peak +{fmt_bytes(ev['peak_bytes'])}")
+                elif ev["kind"] == "loaded":
+                    log(f"    loaded in {ev['load_s']:.1f} s, baseline {fmt_bytes(ev['base_mem'])}")
+
+    def read_err():
+        for line in proc.stderr:
+            err_tail.append(line.rstrip())
+            del err_tail[:-40]
+
+    readers = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
+    for t in readers:
+        t.start()
+    t0, max_rss, status = time.perf_counter(), 0, None
+    limit = args.max_rss_gb * 2**30 if args.max_rss_gb else None
+    try:
+        while proc.poll() is None:
+            rss = _proc_status("VmRSS", proc.pid) or 0
+            max_rss = max(max_rss, rss)
+            if limit and rss > limit:
+                status = "killed-rss"
+                proc.kill()
+                break
+            if args.job_timeout and time.perf_counter() - t0 > args.job_timeout:
+                status = "timeout"
+                proc.kill()
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        proc.kill()
+        raise
+    proc.wait()
+    for t in readers:
+        t.join(timeout=5)
+    rc = proc.returncode
+    if status is None:
+        status = "ok" if rc == 0 and any(e["kind"] == "done" for e in events) else "error"
+    result = {
+        "spec": spec,
+        "status": status,
+        "returncode": rc,
+        "wall_s": time.perf_counter() - t0,
+        "max_total_rss_bytes": max_rss,
+        "events": events,
+    }
+    if status != "ok":
+        result["stderr_tail"] = err_tail[-20:]
+        log(f"    -> {status} (rc {rc})" + ("\n      " + "\n      ".join(err_tail[-8:]) if status == "error" else ""))
+    return result
+
+
+def build_jobs(args) -> list[dict]:
+    jobs = []
+    common = dict(preset=args.preset, overrides=args.overrides, batch=args.batch, repeat=args.repeat,
+                  warmup_len=args.warmup_len, threads=args.threads, device=args.device, seed=args.seed)  # fmt: skip
+    for dtype in args.dtypes:
+        for length in args.lengths:
+            base = dict(common, dtype=dtype, length=length)
+            jobs.append(dict(base, job="v4lens", stripped=args.stripped))
+            if args.hf:
+                if args.hf_max_len and length > args.hf_max_len:
+                    jobs.append(dict(base, job="hf", skip=f"skipped (> --hf-max-len {args.hf_max_len})"))
+                else:
+                    jobs.append(dict(base, job="hf"))
+            if args.cache:
+                if args.cache_max_len and length > args.cache_max_len:
+                    jobs.append(dict(base, job="v4lens-cache", skip=f"skipped (> --cache-max-len {args.cache_max_len})"))
+                else:
+                    jobs.append(dict(base, job="v4lens-cache"))
+    return jobs
+
+
+# ============================================================================ summaries
+def summarise(job: dict, max_rss_gb) -> dict:
+    """Per job: best (min) time per mode, max peak per mode, and why it is missing if it is."""
+    out = {"status": job["status"], "modes": {}}
+    loaded = next((e for e in job.get("events", []) if e["kind"] == "loaded"), None)
+    out["base_mem"] = loaded["base_mem"] if loaded else None
+    out["load_s"] = loaded["load_s"] if loaded else None
+    out["parity"] = loaded.get("parity") if loaded else None
+    check = next((e for e in job.get("events", []) if e["kind"] == "strip_check"), None)
+    out["strip_check"] = check
+    for e in job.get("events", []):
+        if e["kind"] != "run":
+            continue
+        m = out["modes"].setdefault(e["mode"], {"times": [], "peaks": []})
+        m["times"].append(e["time_s"])
+        m["peaks"].append(e["peak_bytes"])
+        for k in ("cache_bytes", "cache_entries"):
+            if k in e:
+                m[k] = e[k]
+    for m in out["modes"].values():
+        m["time_s"] = min(m["times"])
+        m["peak_bytes"] = max(m["peaks"])
+    if job["status"] == "killed-rss":
+        out["why"] = f"killed (RSS > {max_rss_gb:g} GiB)"
+        if out["base_mem"] is not None:  # the run needed more than this on top of its baseline
+            out["peak_lower_bound"] = max_rss_gb * 2**30 - out["base_mem"]
+    elif job["status"] == "timeout":
+        out["why"] = "timed out"
+    elif job["status"] == "error":
+        out["why"] = "error"
+    elif job["status"].startswith("skipped"):
+        out["why"] = job["status"]
+    return out
+
+
+def fmt_time(s):
+    if s is None:
+        return "—"
+    return f"{s:.0f}" if s >= 100 else f"{s:.1f}" if s >= 10 else f"{s:.2f}" if s >= 1 else f"{s:.3f}"
+
+
+def fmt_rate(x):
+    if x is None:
+        return "—"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def fmt_bytes(b):
+    if b is None:
+        return "—"
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
+
+
+def fmt_ratio(r, prefix=""):
+    return "—" if r is None else f"{prefix}{r:.2f}×"
+
+
+def _cell(s: dict | None, mode: str, what: str, tokens: int):
+    """One table cell: time, tok/s or peak for `mode` of a job summary, or why it is missing."""
+    if s is None:
+        return "—"
+    m = s["modes"].get(mode)
+    if m is None:
+        if what == "peak" and "peak_lower_bound" in s:
+            return "> " + fmt_bytes(s["peak_lower_bound"])
+        return s.get("why", "—")
+    if what == "time":
+        return fmt_time(m["time_s"])
+    if what == "rate":
+        return fmt_rate(tokens / m["time_s"])
+    return fmt_bytes(m["peak_bytes"])
+
+
+def _get(s, mode, key):
+    if s is None or mode not in s["modes"]:
+        return None
+    return s["modes"][mode][key]
+
+
+def render(report: dict) -> str:
+    args, mach, cfg = report["args"], report["machine"], report["config"]
+    L = []
+    title = "Memory scaling" if args["scaling"] else "Forward-pass benchmark"
+    L.append(f"# v4lens {title}: {cfg['preset']}{' ' + cfg['overrides_text'] if cfg['overrides_text'] else ''}\n")
+    v = mach["versions"]
+    L.append(
+        f"- machine: {mach['cpu']}, {mach['usable_cpus']} usable of {mach['logical_cpus']} logical CPUs, "
+        f"{fmt_bytes(mach['mem_total_bytes'])} RAM" + (f", GPU {mach['gpu']}" if mach.get("gpu") else "")
+    )
+    L.append(
+        f"- software: torch {v['torch']} ({mach['threads']} threads, device {mach['device']}), "
+        f"transformers {v['transformers']}, transformer-lens {v['transformer_lens']}, v4lens {v['v4lens']} "
+        f"(git {mach['git_commit']}), Python {v['python']}"
+    )
+    pc = cfg["param_counts"]
+    L.append(
+        f"- model: {cfg['preset']} ({pc['total'] / 1e9:.3f} B params, {pc['active'] / 1e9:.3f} B active), "
+        f"{cfg['n_layers']} layers, compress ratios {cfg['compress_ratios']}; batch {args['batch']}, random tokens (seed {args['seed']})"
+    )
+    L.append(
+        f"- protocol: fresh worker process per configuration, `torch.inference_mode()`, warm-up on "
+        f"{args['warmup_len']} tokens, best of {args['repeat']} timed run(s); peak memory = {report['mem_method']} "
+        f"minus the memory just before the run (after load + warm-up); transformers with `use_cache=False`, eager attention"
+    )
+    L.append(f"- date {mach['date']}; total wall time {report['wall_s'] / 60:.1f} min\n")
+
+    S = report["summary"]  # (dtype, length) -> {"v4lens": .., "hf": .., "v4lens-cache": ..}
+    if args["scaling"]:
+        L += render_scaling(report)
+    else:
+        for dtype in args["dtypes"]:
+            L.append(f"## {dtype}\n")
+            L.append("### v4lens vs transformers (plain forward, logits for every position)\n")
+            L.append(
+                "| seq len | v4lens time (s) | v4lens tok/s | v4lens peak mem | HF time (s) | HF tok/s | HF peak mem "
+                "| speed-up (HF ÷ v4lens time) | memory ratio (v4lens ÷ HF peak) |"
+            )
+            L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for n in args["lengths"]:
+                row = S[f"{dtype}/{n}"]
+                v4, hf = row.get("v4lens"), row.get("hf")
+                tok = n * args["batch"]
+                vt, ht = _get(v4, "forward", "time_s"), _get(hf, "forward", "time_s")
+                vp, hp = _get(v4, "forward", "peak_bytes"), _get(hf, "forward", "peak_bytes")
+                speed = ht / vt if vt and ht else None
+                memr = vp / hp if vp and hp else None
+                mem_cell = fmt_ratio(memr)
+                if memr is None and vp and hf and hf.get("peak_lower_bound"):
+                    mem_cell = fmt_ratio(vp / hf["peak_lower_bound"], "< ")
+                L.append(
+                    f"| {n} | {_cell(v4, 'forward', 'time', tok)} | {_cell(v4, 'forward', 'rate', tok)} "
+                    f"| {_cell(v4, 'forward', 'peak', tok)} | {_cell(hf, 'forward', 'time', tok)} "
+                    f"| {_cell(hf, 'forward', 'rate', tok)} | {_cell(hf, 'forward', 'peak', tok)} "
+                    f"| {fmt_ratio(speed)} | {mem_cell} |"
+                )
+            L.append("")
+            if args["cache"] or args["stripped"]:
+                L.append("### v4lens hook overhead\n")
+                L.append(
+                    "| seq len | forward (s) | run_with_cache (s) | cache ÷ forward | cache peak mem | cache size "
+                    "| idle hooks (s) | hooks stripped (s) | idle ÷ stripped |"
+                )
+                L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                for n in args["lengths"]:
+                    row = S[f"{dtype}/{n}"]
+                    v4, c = row.get("v4lens"), row.get("v4lens-cache")
+                    tok = n * args["batch"]
+                    vt, ct = _get(v4, "forward", "time_s"), _get(c, "cache", "time_s")
+                    it, st = _get(v4, "idle", "time_s"), _get(v4, "stripped", "time_s")
+                    cb = _get(c, "cache", "cache_bytes")
+                    ncache = _get(c, "cache", "cache_entries")
+                    L.append(
+                        f"| {n} | {_cell(v4, 'forward', 'time', tok)} | {_cell(c, 'cache', 'time', tok)} "
+                        f"| {fmt_ratio(ct / vt if ct and vt else None)} | {_cell(c, 'cache', 'peak', tok)} "
+                        f"| {fmt_bytes(cb) + f' ({ncache} tensors)' if cb is not None else '—'} "
+                        f"| {_cell(v4, 'idle', 'time', tok)} | {_cell(v4, 'stripped', 'time', tok)} "
+                        f"| {fmt_ratio(it / st if it and st else None)} |"
+                    )
+                L.append("")
+        L += render_checks(report)
+    return "\n".join(L) + "\n"
+
+
+def render_checks(report) -> list[str]:
+    L = ["## Checks\n"]
+    S, args = report["summary"], report["args"]
+    base = {}
+    for key, row in S.items():
+        dtype, n = key.split("/")
+        for impl, s in row.items():
+            if s and s.get("base_mem") is not None:
+                base.setdefault((dtype, impl), s["base_mem"])
+            if impl == "hf" and s and s.get("parity"):
+                p = s["parity"]
+                L.append(
+                    f"- same weights ({dtype}, L={n} job): v4lens vs transformers logits on the {p['tokens']} warm-up tokens: "
+                    f"max |Δ| {p['max_abs_diff']:.3g} (max |logit| {p['max_abs_logit']:.3g}), argmax agreement {p['argmax_agreement']:.1%}"
+                )
+                break
+    checks = [
+        (k, s["strip_check"]) for k, row in S.items() for s in [row.get("v4lens")] if s and s.get("strip_check")
+    ]
+    if checks:
+        ok = all(c["ok"] for _, c in checks)
+        c = checks[0][1]
+        L.append(
+            f"- hook stripping ({len(checks)} worker(s)): {'OK' if ok else 'FAILED'}: logits bit-identical with "
+            f"{c['hook_points']} HookPoints stripped; a hook on every point fired {c['hook_calls_with_hooks']} times "
+            f"({c['distinct_hook_points_fired']} distinct points) with hooks live, {c['hook_calls_while_stripped']} while stripped"
+        )
+    for (dtype, impl), b in sorted(base.items()):
+        L.append(f"- post-load baseline memory, {impl} {dtype}: {fmt_bytes(b)}")
+    return L + [""]
+
+
+def render_scaling(report) -> list[str]:
+    args, S = report["args"], report["summary"]
+    L = []
+    for dtype in args["dtypes"]:
+        L.append(f"## Peak memory vs sequence length ({dtype}, plain forward)\n")
+        L.append("| seq len | v4lens peak mem | v4lens MiB / 1k tok | HF peak mem | HF MiB / 1k tok | v4lens ÷ HF | v4lens time (s) | HF time (s) |")
+        L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        pts = {"v4lens": [], "hf": []}
+        for n in args["lengths"]:
+            row = S[f"{dtype}/{n}"]
+            v4, hf = row.get("v4lens"), row.get("hf")
+            vp, hp = _get(v4, "forward", "peak_bytes"), _get(hf, "forward", "peak_bytes")
+            if vp:
+                pts["v4lens"].append((n, vp))
+            if hp:
+                pts["hf"].append((n, hp))
+            per = lambda p: f"{p / 2**20 / (n / 1024):.0f}" if p else "—"  # noqa: E731
+            memr = fmt_ratio(vp / hp) if vp and hp else (
+                fmt_ratio(vp / hf["peak_lower_bound"], "< ") if vp and hf and hf.get("peak_lower_bound") else "—"
+            )
+            L.append(
+                f"| {n} | {_cell(v4, 'forward', 'peak', n)} | {per(vp)} | {_cell(hf, 'forward', 'peak', n)} | {per(hp)} "
+                f"| {memr} | {_cell(v4, 'forward', 'time', n)} | {_cell(hf, 'forward', 'time', n)} |"
+            )
+        L.append("")
+        for impl, p in pts.items():
+            if len(p) >= 2:
+                (n0, m0), (n1, m1) = p[0], p[-1]
+                expo = math.log(m1 / m0) / math.log(n1 / n0)
+                L.append(
+                    f"- {impl}: peak ×{m1 / m0:.2f} from {n0} to {n1} tokens (×{n1 / n0:g} tokens): growth exponent "
+                    f"{expo:.2f} (1 = linear, 2 = quadratic)"
+                )
+        n_last = args["lengths"][-1]
+        row = S[f"{dtype}/{n_last}"]
+        vp, hp = _get(row.get("v4lens"), "forward", "peak_bytes"), _get(row.get("hf"), "forward", "peak_bytes")
+        hf = row.get("hf")
+        if vp and hp:
+            L.append(f"- memory ratio at {n_last}: v4lens ÷ HF = {vp / hp:.2f} ({'≤' if vp / hp <= 0.5 else '>'} 1/2)")
+        elif vp and hf and hf.get("peak_lower_bound"):
+            r = vp / hf["peak_lower_bound"]
+            L.append(f"- memory ratio at {n_last}: HF was {hf['why']}; v4lens ÷ HF < {r:.2f}")
+        L.append("")
+    return L
+
+
+# ============================================================================ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See benchmarks/README.md for what each column means.")  # fmt: skip
+    p.add_argument("--preset", default="mini-3b", help="v4lens preset (default mini-3b)")
+    p.add_argument("--layers", type=int, help="keep only the preset's first N layers (MTP ratios kept)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a V4Config field, e.g. --set d_vocab=4096 (repeatable)")
+    p.add_argument("--lengths", help="comma-separated sequence lengths (default 1024,2048,4096,8192)")
+    p.add_argument("--dtypes", help="comma-separated dtypes: bf16, fp32 (default bf16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration; the best is reported (default 1)")
+    p.add_argument("--warmup-len", type=int, default=128, help="tokens in the untimed warm-up forward (default 128)")
+    p.add_argument("--threads", type=int, help="torch threads in each worker (default: all usable CPUs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    p.add_argument("--hf-max-len", type=int, help="skip transformers above this length (its attention is dense)")
+    p.add_argument("--no-cache", action="store_true", help="do not time run_with_cache")
+    p.add_argument("--cache-max-len", type=int, help="skip run_with_cache above this length (it stores every activation)")
+    p.add_argument("--no-stripped", action="store_true", help="do not time idle vs stripped hook points")
+    p.add_argument("--max-rss-gb", type=float, help="kill a worker whose RSS exceeds this (default 75%% of RAM)")
+    p.add_argument("--job-timeout", type=float, default=3600, help="kill a worker after this many seconds (default 3600)")
+    p.add_argument("--scaling", action="store_true",
+                   help="memory-scaling mode: plain forward only; defaults to --preset mini-3b --layers 4 "
+                        "--lengths 1024,2048,4096,8192 --dtypes bf16")  # fmt: skip
+    p.add_argument("--out", action="append", metavar="PATH", help="also write the report: *.json (raw) or *.md (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return args
+
+    explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
+    if args.scaling and "--layers" not in explicit and args.preset == "mini-3b":
+        args.layers = 4
+    args.lengths = [int(x) for x in (args.lengths or "1024,2048,4096,8192").split(",") if x.strip()]
+    args.dtypes = [x.strip() for x in (args.dtypes or "bf16").split(",") if x.strip()]
+    from v4lens.config import resolve_dtype
+
+    for d in args.dtypes:
+        resolve_dtype(d)  # fail early on a typo
+    args.hf = not args.skip_hf
+    args.cache = not (args.no_cache or args.scaling)
+    args.stripped = not (args.no_stripped or args.scaling)
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.max_rss_gb is None:
+        try:
+            with open("/proc/meminfo") as f:
+                total = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemTotal:"))
+        except (OSError, StopIteration):
+            total = None
+        args.max_rss_gb = round(0.75 * total / 2**30, 1) if total else 0
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    args.overrides = config_overrides(args)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return 0
+
+    import v4lens
+
+    t_start = time.perf_counter()
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg = v4lens.preset(args.preset, **args.overrides)
+    jobs = build_jobs(args)
+    results = []
+    for i, spec in enumerate(jobs, 1):
+        label = f"[{i}/{len(jobs)}] {spec['job']:<12} {spec['dtype']:>5} L={spec['length']}"
+        if "skip" in spec:
+            log(f"{label}: {spec['skip']}")
+            results.append({"spec": spec, "status": spec["skip"], "events": []})
+            continue
+        log(f"{label}")
+        results.append(run_job(spec, args, log))
+
+    summary: dict[str, dict] = {}
+    for r in results:
+        s = r["spec"]
+        summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise(r, args.max_rss_gb)
+    mem_method = next(
+        (e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory"
+    )
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "set")} | {"set": args.set},
+        "machine": machine_info(args),
+        "config": {
+            "preset": args.preset,
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in args.overrides.items()},
+            "overrides_text": " ".join(f"{k}={v}" for k, v in args.overrides.items() if k != "compress_ratios"),
+            "n_layers": cfg.n_layers,
+            "compress_ratios": list(cfg.compress_ratios),
+            "param_counts": cfg.param_counts(),
+        },
+        "mem_method": mem_method,
+        "jobs": results,
+        "summary": summary,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    text = render(report)
+    print(text)
+    for path in args.out or []:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        else:
+            path.write_text(text)
+        log(f"wrote {path}")
+    failed = [r for r in results if r["status"] == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
