@@ -145,7 +145,7 @@ class CudaPeak:
 
 # ============================================================================ hook stripping
 def _stripped_class():
-    import torch.nn as nn
+    from torch import nn
 
     class StrippedHookPoint(nn.Module):
         """A HookPoint reduced to the identity: `__call__` itself returns the input, so neither
@@ -216,12 +216,7 @@ def check_stripping(model, tokens) -> dict:
         "hook_calls_while_stripped": fired_stripped,
         "restored": all(type(m).__name__ == "HookPoint" for m in s.points) and remaining == 0,
     }
-    out["ok"] = (
-        out["logits_bit_identical"]
-        and fired_idle > 0
-        and fired_stripped == 0
-        and out["restored"]
-    )
+    out["ok"] = out["logits_bit_identical"] and fired_idle > 0 and fired_stripped == 0 and out["restored"]
     return out
 
 
@@ -266,22 +261,24 @@ def run_worker(spec: dict) -> None:
 
     job = spec["job"]
     dtype = resolve_dtype(spec["dtype"])
+    # build outside inference mode (the threaded init and the weight copy need ordinary tensors)
+    t0 = time.perf_counter()
+    model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
+    hf = None
+    if job == "hf":
+        from v4lens.hf import hf_model_like
+
+        hf = hf_model_like(model, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    lo = min(3, model.cfg.d_vocab - 1)
+    tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
+    warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
+
     with torch.inference_mode():
-        t0 = time.perf_counter()
-        model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
-        load_s = time.perf_counter() - t0
-
-        gen = torch.Generator().manual_seed(spec["seed"] + 1)
-        lo = min(3, model.cfg.d_vocab - 1)
-        tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
-        warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
-
+        parity = None
         if job == "hf":
-            from v4lens.hf import hf_model_like
-
-            t0 = time.perf_counter()
-            hf = hf_model_like(model, dtype=dtype, device=device)
-            load_s += time.perf_counter() - t0
             # the weights really are the same: compare logits on the warm-up tokens
             ours = model(warm).float()
             theirs = hf(input_ids=warm, use_cache=False).logits.float()
@@ -291,7 +288,7 @@ def run_worker(spec: dict) -> None:
                 "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
                 "tokens": int(warm.shape[1]),
             }
-            del ours, theirs, model
+            del ours, theirs, model  # measure transformers alone
             gc.collect()
             _malloc_trim()
             if cuda:
@@ -302,14 +299,12 @@ def run_worker(spec: dict) -> None:
 
             hf(input_ids=warm, use_cache=False)  # warm-up
         elif job == "v4lens-cache":
-            parity = None
 
             def fn():
                 return model.run_with_cache(tokens)
 
             model.run_with_cache(warm)  # warm-up
         else:
-            parity = None
 
             def fn():
                 return model(tokens)
@@ -340,7 +335,9 @@ def run_worker(spec: dict) -> None:
         # 1. the measured runs (the first one starts right after the post-load baseline)
         for r in range(spec["repeat"]):
             dt, peak, extra = measure(fn)
-            _emit("run", mode="cache" if job == "v4lens-cache" else "forward", rep=r, time_s=dt, peak_bytes=peak, **extra)
+            _emit(
+                "run", mode="cache" if job == "v4lens-cache" else "forward", rep=r, time_s=dt, peak_bytes=peak, **extra
+            )
 
         # 2. idle hook points vs stripped, interleaved (alternating order) in the same process
         if job == "v4lens" and spec["stripped"]:
@@ -411,15 +408,24 @@ def machine_info(args) -> dict:
                     mem_total = int(line.split()[1]) * 1024
     except OSError:
         pass
+    from importlib import metadata
+
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("transformers", "transformer_lens", "v4lens"):
+    for key, dist in (("transformers", "transformers"), ("transformer_lens", "transformer-lens"), ("v4lens", "v4lens")):
         try:
-            versions[mod] = getattr(__import__(mod), "__version__", "?")
-        except ImportError:
-            versions[mod] = None
+            versions[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[key] = getattr(__import__(key), "__version__", None) if key == "v4lens" else None
     try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
         commit = commit + ("+dirty" if dirty else "") if commit else None
     except OSError:
         commit = None
@@ -441,6 +447,30 @@ def machine_info(args) -> dict:
     return info
 
 
+def _cpu_snapshot():
+    """(busy CPU seconds of the whole machine, CPU seconds of this process and its reaped children)."""
+    import resource
+
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
+    except (OSError, ValueError, IndexError):
+        return None
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return busy, own
+
+
+def _other_cores(a, b, wall) -> float | None:
+    """Average number of cores that processes other than this benchmark kept busy between two snapshots."""
+    if a is None or b is None or wall <= 0:
+        return None
+    return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / wall)
+
+
 def run_job(spec: dict, args, log) -> dict:
     """Run one worker; watch its RSS (kill above --max-rss-gb) and its time (kill after --job-timeout)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
@@ -458,7 +488,9 @@ def run_job(spec: dict, args, log) -> dict:
                 events.append(json.loads(line[len(MARK) :]))
                 ev = events[-1]
                 if ev["kind"] == "run":
-                    log(f"    {ev['mode']:<8} rep {ev['rep']}: {ev['time_s']:.3f} s, peak +{fmt_bytes(ev['peak_bytes'])}")
+                    log(
+                        f"    {ev['mode']:<8} rep {ev['rep']}: {ev['time_s']:.3f} s, peak +{fmt_bytes(ev['peak_bytes'])}"
+                    )
                 elif ev["kind"] == "loaded":
                     log(f"    loaded in {ev['load_s']:.1f} s, baseline {fmt_bytes(ev['base_mem'])}")
 
@@ -470,6 +502,7 @@ def run_job(spec: dict, args, log) -> dict:
     readers = [threading.Thread(target=read_out, daemon=True), threading.Thread(target=read_err, daemon=True)]
     for t in readers:
         t.start()
+    cpu0 = _cpu_snapshot()
     t0, max_rss, status = time.perf_counter(), 0, None
     limit = args.max_rss_gb * 2**30 if args.max_rss_gb else None
     try:
@@ -492,13 +525,18 @@ def run_job(spec: dict, args, log) -> dict:
     for t in readers:
         t.join(timeout=5)
     rc = proc.returncode
+    wall = time.perf_counter() - t0
+    other_cores = _other_cores(cpu0, _cpu_snapshot(), wall)
+    if other_cores is not None and other_cores > 0.1:
+        log(f"    note: other processes used {other_cores:.2f} cores on average during this worker")
     if status is None:
         status = "ok" if rc == 0 and any(e["kind"] == "done" for e in events) else "error"
     result = {
         "spec": spec,
         "status": status,
         "returncode": rc,
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall,
+        "other_processes_cores": other_cores,
         "max_total_rss_bytes": max_rss,
         "events": events,
     }
@@ -510,8 +548,10 @@ def run_job(spec: dict, args, log) -> dict:
 
 def build_jobs(args) -> list[dict]:
     jobs = []
-    common = dict(preset=args.preset, overrides=args.overrides, batch=args.batch, repeat=args.repeat,
-                  warmup_len=args.warmup_len, threads=args.threads, device=args.device, seed=args.seed)  # fmt: skip
+    common = {
+        "preset": args.preset, "overrides": args.overrides, "batch": args.batch, "repeat": args.repeat,
+        "warmup_len": args.warmup_len, "threads": args.threads, "device": args.device, "seed": args.seed,
+    }  # fmt: skip
     for dtype in args.dtypes:
         for length in args.lengths:
             base = dict(common, dtype=dtype, length=length)
@@ -523,7 +563,9 @@ def build_jobs(args) -> list[dict]:
                     jobs.append(dict(base, job="hf"))
             if args.cache:
                 if args.cache_max_len and length > args.cache_max_len:
-                    jobs.append(dict(base, job="v4lens-cache", skip=f"skipped (> --cache-max-len {args.cache_max_len})"))
+                    jobs.append(
+                        dict(base, job="v4lens-cache", skip=f"skipped (> --cache-max-len {args.cache_max_len})")
+                    )
                 else:
                     jobs.append(dict(base, job="v4lens-cache"))
     return jobs
@@ -551,16 +593,17 @@ def summarise(job: dict, max_rss_gb) -> dict:
     for m in out["modes"].values():
         m["time_s"] = min(m["times"])
         m["peak_bytes"] = max(m["peaks"])
+    # short cell text; the long reason goes into the notes under the tables
     if job["status"] == "killed-rss":
-        out["why"] = f"killed (RSS > {max_rss_gb:g} GiB)"
+        out["why"], out["note"] = "killed", f"killed: the worker's RSS exceeded --max-rss-gb {max_rss_gb:g}"
         if out["base_mem"] is not None:  # the run needed more than this on top of its baseline
             out["peak_lower_bound"] = max_rss_gb * 2**30 - out["base_mem"]
     elif job["status"] == "timeout":
-        out["why"] = "timed out"
+        out["why"], out["note"] = "timeout", "timeout: the worker ran past --job-timeout"
     elif job["status"] == "error":
-        out["why"] = "error"
+        out["why"], out["note"] = "error", "error: the worker failed (see stderr_tail in the JSON report)"
     elif job["status"].startswith("skipped"):
-        out["why"] = job["status"]
+        out["why"], out["note"] = "skipped", job["status"].replace("skipped (", "skipped: ").rstrip(")")
     return out
 
 
@@ -608,6 +651,62 @@ def _get(s, mode, key):
     return s["modes"][mode][key]
 
 
+def _table(columns, rows) -> list[str]:
+    """Markdown table: columns are (header, fn(length, row, tokens) -> str, tag)."""
+    out = ["| seq len | " + " | ".join(c[0] for c in columns) + " |", "|---:|" + "---:|" * len(columns)]
+    for n, row, tok in rows:
+        out.append(f"| {n} | " + " | ".join(c[1](n, row, tok) for c in columns) + " |")
+    return out + [""]
+
+
+def _ratio_cell(num, den, lower_bound_den=None):
+    if num and den:
+        return fmt_ratio(num / den)
+    if num and lower_bound_den:  # the denominator is at least this (its worker was killed)
+        return fmt_ratio(num / lower_bound_den, "< ")
+    return "—"
+
+
+def _compare_columns():
+    v4 = lambda r: r.get("v4lens")
+    hf = lambda r: r.get("hf")
+    return [
+        ("v4lens time (s)", lambda n, r, t: _cell(v4(r), "forward", "time", t), False),
+        ("v4lens tok/s", lambda n, r, t: _cell(v4(r), "forward", "rate", t), False),
+        ("v4lens peak mem", lambda n, r, t: _cell(v4(r), "forward", "peak", t), False),
+        ("HF time (s)", lambda n, r, t: _cell(hf(r), "forward", "time", t), True),
+        ("HF tok/s", lambda n, r, t: _cell(hf(r), "forward", "rate", t), True),
+        ("HF peak mem", lambda n, r, t: _cell(hf(r), "forward", "peak", t), True),
+        ("speed-up (HF time ÷ v4lens time)",
+         lambda n, r, t: _ratio_cell(_get(hf(r), "forward", "time_s"), _get(v4(r), "forward", "time_s")), True),
+        ("memory ratio (v4lens peak ÷ HF peak)",
+         lambda n, r, t: _ratio_cell(_get(v4(r), "forward", "peak_bytes"), _get(hf(r), "forward", "peak_bytes"),
+                                     (hf(r) or {}).get("peak_lower_bound")), True),
+    ]  # fmt: skip
+
+
+def _hook_columns():
+    v4 = lambda r: r.get("v4lens")
+    c = lambda r: r.get("v4lens-cache")
+
+    def size(n, r, t):
+        b, k = _get(c(r), "cache", "cache_bytes"), _get(c(r), "cache", "cache_entries")
+        return "—" if b is None else f"{fmt_bytes(b)} ({k} tensors)"
+
+    return [
+        ("forward (s)", lambda n, r, t: _cell(v4(r), "forward", "time", t), None),
+        ("run_with_cache (s)", lambda n, r, t: _cell(c(r), "cache", "time", t), "cache"),
+        ("cache ÷ forward",
+         lambda n, r, t: _ratio_cell(_get(c(r), "cache", "time_s"), _get(v4(r), "forward", "time_s")), "cache"),
+        ("cache peak mem", lambda n, r, t: _cell(c(r), "cache", "peak", t), "cache"),
+        ("cache size", size, "cache"),
+        ("idle hooks (s)", lambda n, r, t: _cell(v4(r), "idle", "time", t), "strip"),
+        ("hooks stripped (s)", lambda n, r, t: _cell(v4(r), "stripped", "time", t), "strip"),
+        ("idle ÷ stripped",
+         lambda n, r, t: _ratio_cell(_get(v4(r), "idle", "time_s"), _get(v4(r), "stripped", "time_s")), "strip"),
+    ]  # fmt: skip
+
+
 def render(report: dict) -> str:
     args, mach, cfg = report["args"], report["machine"], report["config"]
     L = []
@@ -633,84 +732,93 @@ def render(report: dict) -> str:
         f"{args['warmup_len']} tokens, best of {args['repeat']} timed run(s); peak memory = {report['mem_method']} "
         f"minus the memory just before the run (after load + warm-up); transformers with `use_cache=False`, eager attention"
     )
-    L.append(f"- date {mach['date']}; total wall time {report['wall_s'] / 60:.1f} min\n")
+    others = [j["other_processes_cores"] for j in report["jobs"] if j.get("other_processes_cores") is not None]
+    L.append(
+        f"- date {mach['date']}; total wall time {report['wall_s'] / 60:.1f} min"
+        + (
+            f"; CPU used by other processes during a worker: at most {max(others):.2f} cores on average"
+            if others
+            else ""
+        )
+    )
+    if others and max(others) > 0.25:
+        L.append(
+            f"- **warning**: other processes kept up to {max(others):.2f} cores busy during the run: "
+            "times (and the small ratios) are unreliable; rerun on a quiet machine"
+        )
+    L.append("")
 
     S = report["summary"]  # (dtype, length) -> {"v4lens": .., "hf": .., "v4lens-cache": ..}
     if args["scaling"]:
         L += render_scaling(report)
     else:
+        L += render_summary(report)
         for dtype in args["dtypes"]:
             L.append(f"## {dtype}\n")
-            L.append("### v4lens vs transformers (plain forward, logits for every position)\n")
-            L.append(
-                "| seq len | v4lens time (s) | v4lens tok/s | v4lens peak mem | HF time (s) | HF tok/s | HF peak mem "
-                "| speed-up (HF ÷ v4lens time) | memory ratio (v4lens ÷ HF peak) |"
-            )
-            L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for n in args["lengths"]:
-                row = S[f"{dtype}/{n}"]
-                v4, hf = row.get("v4lens"), row.get("hf")
-                tok = n * args["batch"]
-                vt, ht = _get(v4, "forward", "time_s"), _get(hf, "forward", "time_s")
-                vp, hp = _get(v4, "forward", "peak_bytes"), _get(hf, "forward", "peak_bytes")
-                speed = ht / vt if vt and ht else None
-                memr = vp / hp if vp and hp else None
-                mem_cell = fmt_ratio(memr)
-                if memr is None and vp and hf and hf.get("peak_lower_bound"):
-                    mem_cell = fmt_ratio(vp / hf["peak_lower_bound"], "< ")
-                L.append(
-                    f"| {n} | {_cell(v4, 'forward', 'time', tok)} | {_cell(v4, 'forward', 'rate', tok)} "
-                    f"| {_cell(v4, 'forward', 'peak', tok)} | {_cell(hf, 'forward', 'time', tok)} "
-                    f"| {_cell(hf, 'forward', 'rate', tok)} | {_cell(hf, 'forward', 'peak', tok)} "
-                    f"| {fmt_ratio(speed)} | {mem_cell} |"
-                )
-            L.append("")
+            rows = [(n, S[f"{dtype}/{n}"], n * args["batch"]) for n in args["lengths"]]
+            title = "v4lens vs transformers" if args["hf"] else "v4lens (transformers skipped)"
+            L.append(f"### {title} (plain forward, logits for every position)\n")
+            L += _table([c for c in _compare_columns() if args["hf"] or not c[2]], rows)
             if args["cache"] or args["stripped"]:
                 L.append("### v4lens hook overhead\n")
-                L.append(
-                    "| seq len | forward (s) | run_with_cache (s) | cache ÷ forward | cache peak mem | cache size "
-                    "| idle hooks (s) | hooks stripped (s) | idle ÷ stripped |"
+                L += _table(
+                    [
+                        c
+                        for c in _hook_columns()
+                        if (args["cache"] or c[2] != "cache") and (args["stripped"] or c[2] != "strip")
+                    ],
+                    rows,
                 )
-                L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-                for n in args["lengths"]:
-                    row = S[f"{dtype}/{n}"]
-                    v4, c = row.get("v4lens"), row.get("v4lens-cache")
-                    tok = n * args["batch"]
-                    vt, ct = _get(v4, "forward", "time_s"), _get(c, "cache", "time_s")
-                    it, st = _get(v4, "idle", "time_s"), _get(v4, "stripped", "time_s")
-                    cb = _get(c, "cache", "cache_bytes")
-                    ncache = _get(c, "cache", "cache_entries")
-                    L.append(
-                        f"| {n} | {_cell(v4, 'forward', 'time', tok)} | {_cell(c, 'cache', 'time', tok)} "
-                        f"| {fmt_ratio(ct / vt if ct and vt else None)} | {_cell(c, 'cache', 'peak', tok)} "
-                        f"| {fmt_bytes(cb) + f' ({ncache} tensors)' if cb is not None else '—'} "
-                        f"| {_cell(v4, 'idle', 'time', tok)} | {_cell(v4, 'stripped', 'time', tok)} "
-                        f"| {fmt_ratio(it / st if it and st else None)} |"
-                    )
-                L.append("")
-        L += render_checks(report)
+    L += render_checks(report)
     return "\n".join(L) + "\n"
 
 
+def render_summary(report) -> list[str]:
+    """One row per (dtype, length) with the headline numbers (the table for the top-level README)."""
+    args, S = report["args"], report["summary"]
+    cols = [c for c in _compare_columns() if c[0] in ("v4lens tok/s", "v4lens peak mem")]
+    if args["hf"]:
+        cols += [
+            c for c in _compare_columns() if c[0] in ("HF tok/s", "HF peak mem") or c[0].startswith(("speed", "memory"))
+        ]
+        order = ["v4lens tok/s", "HF tok/s", "speed-up", "v4lens peak mem", "HF peak mem", "memory ratio"]
+        cols.sort(key=lambda c: next(i for i, o in enumerate(order) if c[0].startswith(o)))
+    hooks = _hook_columns()
+    if args["cache"]:
+        cols += [c for c in hooks if c[0] == "cache ÷ forward"]
+    if args["stripped"]:
+        cols += [c for c in hooks if c[0] == "idle ÷ stripped"]
+    L = ["## Summary\n", "| dtype | " + _table(cols, [])[0].removeprefix("| ")]
+    L.append("|---|" + _table(cols, [])[1].removeprefix("|"))
+    for dtype in args["dtypes"]:
+        for n in args["lengths"]:
+            row, tok = S[f"{dtype}/{n}"], n * args["batch"]
+            L.append(f"| {dtype} | {n} | " + " | ".join(c[1](n, row, tok) for c in cols) + " |")
+    return L + [""]
+
+
 def render_checks(report) -> list[str]:
-    L = ["## Checks\n"]
-    S, args = report["summary"], report["args"]
-    base = {}
+    S = report["summary"]
+    notes = sorted({s["note"] for row in S.values() for s in row.values() if s and s.get("note")})
+    L = ["## Notes\n"] + [f"- {n}" for n in notes] + [""] if notes else []
+    checks_at = len(L)
+    L.append("## Checks\n")
+    base, parity = {}, {}
     for key, row in S.items():
-        dtype, n = key.split("/")
+        dtype = key.split("/")[0]
         for impl, s in row.items():
             if s and s.get("base_mem") is not None:
                 base.setdefault((dtype, impl), s["base_mem"])
             if impl == "hf" and s and s.get("parity"):
-                p = s["parity"]
-                L.append(
-                    f"- same weights ({dtype}, L={n} job): v4lens vs transformers logits on the {p['tokens']} warm-up tokens: "
-                    f"max |Δ| {p['max_abs_diff']:.3g} (max |logit| {p['max_abs_logit']:.3g}), argmax agreement {p['argmax_agreement']:.1%}"
-                )
-                break
-    checks = [
-        (k, s["strip_check"]) for k, row in S.items() for s in [row.get("v4lens")] if s and s.get("strip_check")
-    ]
+                parity.setdefault(dtype, []).append(s["parity"])
+    for dtype, ps in parity.items():
+        L.append(
+            f"- same weights, {dtype}: v4lens vs transformers logits on the warm-up tokens "
+            f"({len(ps)} worker(s), up to {max(p['tokens'] for p in ps)} tokens): max |Δ| {max(p['max_abs_diff'] for p in ps):.3g} "
+            f"(max |logit| {max(p['max_abs_logit'] for p in ps):.3g}), argmax agreement "
+            f"{min(p['argmax_agreement'] for p in ps):.1%}"
+        )
+    checks = [(k, s["strip_check"]) for k, row in S.items() for s in [row.get("v4lens")] if s and s.get("strip_check")]
     if checks:
         ok = all(c["ok"] for _, c in checks)
         c = checks[0][1]
@@ -719,8 +827,13 @@ def render_checks(report) -> list[str]:
             f"{c['hook_points']} HookPoints stripped; a hook on every point fired {c['hook_calls_with_hooks']} times "
             f"({c['distinct_hook_points_fired']} distinct points) with hooks live, {c['hook_calls_while_stripped']} while stripped"
         )
-    for (dtype, impl), b in sorted(base.items()):
-        L.append(f"- post-load baseline memory, {impl} {dtype}: {fmt_bytes(b)}")
+    if base:
+        L.append(
+            "- memory before the timed runs (weights + runtime; the peak columns are on top of this): "
+            + ", ".join(f"{impl} {dtype} {fmt_bytes(b)}" for (dtype, impl), b in sorted(base.items()))
+        )
+    if len(L) == checks_at + 1:
+        del L[checks_at:]
     return L + [""]
 
 
@@ -729,43 +842,68 @@ def render_scaling(report) -> list[str]:
     L = []
     for dtype in args["dtypes"]:
         L.append(f"## Peak memory vs sequence length ({dtype}, plain forward)\n")
-        L.append("| seq len | v4lens peak mem | v4lens MiB / 1k tok | HF peak mem | HF MiB / 1k tok | v4lens ÷ HF | v4lens time (s) | HF time (s) |")
+        L.append(
+            "| seq len | v4lens peak mem | v4lens marginal MiB / 1k tok | HF peak mem | HF marginal MiB / 1k tok "
+            "| memory ratio (v4lens ÷ HF) | v4lens time (s) | HF time (s) |"
+        )
         L.append("|---:|---:|---:|---:|---:|---:|---:|---:|")
         pts = {"v4lens": [], "hf": []}
+
+        def marginal(points, n, p):
+            """MiB per 1k tokens from the previous measured length to this one."""
+            last = [q for q in points if q[0] < n]
+            if not p or not last:
+                return "—"
+            n0, p0 = last[-1]
+            return f"{(p - p0) / 2**20 / ((n - n0) / 1024):.0f}"
+
         for n in args["lengths"]:
             row = S[f"{dtype}/{n}"]
             v4, hf = row.get("v4lens"), row.get("hf")
             vp, hp = _get(v4, "forward", "peak_bytes"), _get(hf, "forward", "peak_bytes")
-            if vp:
-                pts["v4lens"].append((n, vp))
-            if hp:
-                pts["hf"].append((n, hp))
-            per = lambda p: f"{p / 2**20 / (n / 1024):.0f}" if p else "—"  # noqa: E731
-            memr = fmt_ratio(vp / hp) if vp and hp else (
-                fmt_ratio(vp / hf["peak_lower_bound"], "< ") if vp and hf and hf.get("peak_lower_bound") else "—"
-            )
+            for impl, p in (("v4lens", vp), ("hf", hp)):
+                if p:
+                    pts[impl].append((n, p))
             L.append(
-                f"| {n} | {_cell(v4, 'forward', 'peak', n)} | {per(vp)} | {_cell(hf, 'forward', 'peak', n)} | {per(hp)} "
-                f"| {memr} | {_cell(v4, 'forward', 'time', n)} | {_cell(hf, 'forward', 'time', n)} |"
+                f"| {n} | {_cell(v4, 'forward', 'peak', n)} | {marginal(pts['v4lens'], n, vp)} "
+                f"| {_cell(hf, 'forward', 'peak', n)} | {marginal(pts['hf'], n, hp)} "
+                f"| {_ratio_cell(vp, hp, (hf or {}).get('peak_lower_bound'))} "
+                f"| {_cell(v4, 'forward', 'time', n)} | {_cell(hf, 'forward', 'time', n)} |"
             )
         L.append("")
         for impl, p in pts.items():
-            if len(p) >= 2:
-                (n0, m0), (n1, m1) = p[0], p[-1]
-                expo = math.log(m1 / m0) / math.log(n1 / n0)
-                L.append(
-                    f"- {impl}: peak ×{m1 / m0:.2f} from {n0} to {n1} tokens (×{n1 / n0:g} tokens): growth exponent "
-                    f"{expo:.2f} (1 = linear, 2 = quadratic)"
-                )
+            if len(p) < 2:
+                continue
+            (n0, m0), (n1, m1) = p[0], p[-1]
+            expo = math.log(m1 / m0) / math.log(n1 / n0)
+            line = f"- {impl}: peak ×{m1 / m0:.2f} from {n0} to {n1} tokens (×{n1 / n0:g}): log-log slope {expo:.2f}"
+            if len(p) >= 3:
+                (a0, p0), (a1, p1) = p[0], p[1]
+                (b0, q0), (b1, q1) = p[-2], p[-1]
+                s_first, s_last = (p1 - p0) / (a1 - a0), (q1 - q0) / (b1 - b0)
+                quad = (b0 + b1) / (a0 + a1)  # what the ratio of marginal costs would be if memory ~ L²
+                if s_first > 0:
+                    r = s_last / s_first
+                    kind = "about linear" if r <= 1 + (quad - 1) / 6 else "super-linear"
+                    line += (
+                        f"; marginal cost per token ×{r:.2f} from the first step ({a0}→{a1}) to the last "
+                        f"({b0}→{b1}) (1 if linear, {quad:.0f} if quadratic): {kind}"
+                    )
+            L.append(line)
         n_last = args["lengths"][-1]
         row = S[f"{dtype}/{n_last}"]
-        vp, hp = _get(row.get("v4lens"), "forward", "peak_bytes"), _get(row.get("hf"), "forward", "peak_bytes")
-        hf = row.get("hf")
+        v4, hf = row.get("v4lens"), row.get("hf")
+        vp, hp = _get(v4, "forward", "peak_bytes"), _get(hf, "forward", "peak_bytes")
         if vp and hp:
-            L.append(f"- memory ratio at {n_last}: v4lens ÷ HF = {vp / hp:.2f} ({'≤' if vp / hp <= 0.5 else '>'} 1/2)")
+            L.append(
+                f"- memory ratio at {n_last} tokens: v4lens ÷ HF = {vp / hp:.2f} ({'≤' if vp / hp <= 0.5 else '>'} 1/2)"
+            )
         elif vp and hf and hf.get("peak_lower_bound"):
             r = vp / hf["peak_lower_bound"]
-            L.append(f"- memory ratio at {n_last}: HF was {hf['why']}; v4lens ÷ HF < {r:.2f}")
+            L.append(
+                f"- memory ratio at {n_last} tokens: transformers was killed at --max-rss-gb, so its peak was above "
+                f"{fmt_bytes(hf['peak_lower_bound'])}: v4lens ÷ HF < {r:.2f}"
+            )
         L.append("")
     return L
 
@@ -776,11 +914,18 @@ def parse_args(argv=None):
                                 epilog="See benchmarks/README.md for what each column means.")  # fmt: skip
     p.add_argument("--preset", default="mini-3b", help="v4lens preset (default mini-3b)")
     p.add_argument("--layers", type=int, help="keep only the preset's first N layers (MTP ratios kept)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a V4Config field, e.g. --set d_vocab=4096 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a V4Config field, e.g. --set d_vocab=4096 (repeatable)",
+    )
     p.add_argument("--lengths", help="comma-separated sequence lengths (default 1024,2048,4096,8192)")
     p.add_argument("--dtypes", help="comma-separated dtypes: bf16, fp32 (default bf16)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per configuration; the best is reported (default 1)")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="timed runs per configuration; the best is reported (default 1)"
+    )
     p.add_argument("--warmup-len", type=int, default=128, help="tokens in the untimed warm-up forward (default 128)")
     p.add_argument("--threads", type=int, help="torch threads in each worker (default: all usable CPUs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -788,21 +933,27 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
     p.add_argument("--hf-max-len", type=int, help="skip transformers above this length (its attention is dense)")
     p.add_argument("--no-cache", action="store_true", help="do not time run_with_cache")
-    p.add_argument("--cache-max-len", type=int, help="skip run_with_cache above this length (it stores every activation)")
+    p.add_argument(
+        "--cache-max-len", type=int, help="skip run_with_cache above this length (it stores every activation)"
+    )
     p.add_argument("--no-stripped", action="store_true", help="do not time idle vs stripped hook points")
     p.add_argument("--max-rss-gb", type=float, help="kill a worker whose RSS exceeds this (default 75%% of RAM)")
-    p.add_argument("--job-timeout", type=float, default=3600, help="kill a worker after this many seconds (default 3600)")
+    p.add_argument(
+        "--job-timeout", type=float, default=3600, help="kill a worker after this many seconds (default 3600)"
+    )
     p.add_argument("--scaling", action="store_true",
                    help="memory-scaling mode: plain forward only; defaults to --preset mini-3b --layers 4 "
                         "--lengths 1024,2048,4096,8192 --dtypes bf16")  # fmt: skip
-    p.add_argument("--out", action="append", metavar="PATH", help="also write the report: *.json (raw) or *.md (repeatable)")
+    p.add_argument(
+        "--out", action="append", metavar="PATH", help="also write the report: *.json (raw) or *.md (repeatable)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return args
 
-    explicit = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
+    explicit = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     if args.scaling and "--layers" not in explicit and args.preset == "mini-3b":
         args.layers = 4
     args.lengths = [int(x) for x in (args.lengths or "1024,2048,4096,8192").split(",") if x.strip()]
@@ -851,16 +1002,14 @@ def main(argv=None) -> int:
             log(f"{label}: {spec['skip']}")
             results.append({"spec": spec, "status": spec["skip"], "events": []})
             continue
-        log(f"{label}")
+        log(label)
         results.append(run_job(spec, args, log))
 
     summary: dict[str, dict] = {}
     for r in results:
         s = r["spec"]
         summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise(r, args.max_rss_gb)
-    mem_method = next(
-        (e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory"
-    )
+    mem_method = next((e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory")
     report = {
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "set")} | {"set": args.set},
         "machine": machine_info(args),

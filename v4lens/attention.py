@@ -97,7 +97,8 @@ class Attention(nn.Module):
         q = self.hook_q(apply_rope(q, positions, freqs))
         kv = self.hook_kv(apply_rope(self.kv_norm(F.linear(x, self.wkv)), positions, freqs))
 
-        key_index = window_index(positions, cfg.window_size)[None].expand(b, S, -1)
+        # repeat, not expand: a hook may edit key_index in place (TransformerLens patch setters do)
+        key_index = window_index(positions, cfg.window_size)[None].repeat(b, 1, 1)
         keys = kv
         if self.compressor is not None:
             entries = self.compressor(x, freqs)  # [b,T,c]
@@ -113,7 +114,8 @@ class Attention(nn.Module):
             keys = torch.cat([kv, entries], dim=1)  # [b, S+T, c]
         key_index = self.hook_key_index(key_index)
 
-        sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].expand(b, H, S))
+        # a fresh tensor (repeat, not expand): an in-place hook edit must not write into attn_sink
+        sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].repeat(b, 1, S))
         z = self._attend(q, keys, key_index, sink_logit)  # [b,S,H,c]
         z = self.hook_z(apply_rope(z, positions, freqs, inverse=True))
         return self._project_out(z)

@@ -50,13 +50,17 @@ class Compressor(nn.Module):
         m, d = self.ratio, self.dim
         T = S // m
         x32 = x[:, : T * m].float()
-        values = torch.nn.functional.linear(x32, self.wkv).view(b, T, m, -1)  # [b,T,m,width]
-        logits = torch.nn.functional.linear(x32, self.wgate).view(b, T, m, -1) + self.ape
+        width = self.wkv.shape[0]  # explicit: `-1` cannot be inferred when T == 0 (S < m)
+        values = torch.nn.functional.linear(x32, self.wkv).view(b, T, m, width)  # [b,T,m,width]
+        logits = torch.nn.functional.linear(x32, self.wgate).view(b, T, m, width) + self.ape
         if self.overlap:
             # slots 0..m-1: previous window's a-halves (none for window 0: value 0, logit -inf);
             # slots m..2m-1: this window's b-halves.
-            prev_values = torch.nn.functional.pad(values[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))
-            prev_logits = torch.nn.functional.pad(logits[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf"))
+            # ([:, :T] keeps T == 0 empty: padding an empty window axis would create one)
+            prev_values = torch.nn.functional.pad(values[:, :-1, :, :d], (0, 0, 0, 0, 1, 0))[:, :T]
+            prev_logits = torch.nn.functional.pad(
+                logits[:, :-1, :, :d], (0, 0, 0, 0, 1, 0), value=float("-inf")
+            )[:, :T]
             values = torch.cat([prev_values, values[..., d:]], dim=2)  # [b,T,2m,d]
             logits = torch.cat([prev_logits, logits[..., d:]], dim=2)
         weights = self.hook_weights(torch.softmax(logits, dim=2))

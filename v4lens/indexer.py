@@ -58,7 +58,8 @@ class Indexer(nn.Module):
         alpha = self.hook_head_weights(torch.nn.functional.linear(x, self.weights_proj) * scale)
         visible = visible_entries(positions, 4)  # [S]
         k = min(self.topk, T)
-        if T == 0:
+        if T == 0:  # shorter than one window: nothing to score, but every hook still fires (empty)
+            self.hook_scores(torch.zeros((b, S, 0), dtype=torch.float32, device=x.device))
             return self.hook_topk(torch.full((b, S, 0), -1, dtype=torch.long, device=x.device))
         # The score matrix is [S, T] = S²/4: score in query chunks unless someone hooks it whole.
         chunk = S if is_hooked(self.hook_scores) else self.chunk

@@ -19,7 +19,7 @@ from .config import V4Config
 from .hyper_connections import HyperHead
 from .mtp import MTPBlock
 from .norm import RMSNorm
-from .params import fp32_param, is_fp32_island, param
+from .params import is_fp32_island, param
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
@@ -44,10 +44,14 @@ class HookedV4(HookedRootModule):
         self.hc_head = HyperHead(cfg, device=device)
         self.ln_final = RMSNorm(D, cfg.norm_eps, device=device)
         self.head = nn.Module()
-        self.head.weight = fp32_param(torch.empty(V, D, device=device))  # fp32 logits head (SPEC §C2)
+        # Stored in the model dtype (checkpoints hold it in bf16); the logits GEMM runs in fp32 (SPEC §C2).
+        self.head.weight = param((V, D), cfg.dtype, device)
         self.hook_logits = HookPoint()
         self.mtp = nn.ModuleList(MTPBlock(cfg, i, device=device) for i in range(cfg.n_mtp_layers))
         self._tokenizer = tokenizer
+        # By name: `to_empty` (build_empty) and checkpoint loading replace the Parameter objects,
+        # which drops the per-tensor `_v4_fp32` marker that fp32_param sets.
+        self._fp32_islands = frozenset(n for n, p in self.named_parameters() if is_fp32_island(p))
         self.setup()
 
     # ------------------------------------------------------------------ TL protocol
@@ -125,9 +129,9 @@ class HookedV4(HookedRootModule):
         if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"v4lens runs in float32 or bfloat16, not {dtype}")
         if dtype is not None:
-            islands = {id(p) for p in self.parameters() if is_fp32_island(p)}
-            for p in self.parameters():
-                if id(p) not in islands and p.is_floating_point():
+            for name, p in self.named_parameters():
+                island = name in self._fp32_islands or is_fp32_island(p)
+                if not island and p.is_floating_point():
                     p.data = p.data.to(dtype)
             self.cfg.dtype = dtype
         if device is not None:
@@ -181,7 +185,8 @@ class HookedV4(HookedRootModule):
         positions = torch.arange(S, device=tokens.device)
 
         embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
-        streams = embed[:, :, None, :].expand(b, S, self.cfg.hc_mult, -1)
+        # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
+        streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
         for block in self.blocks:
             streams = block(streams, positions, tokens)
         if return_type is None and not mtp:
@@ -200,7 +205,7 @@ class HookedV4(HookedRootModule):
 
     def _unembed(self, streams: torch.Tensor) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
-        return self.hook_logits(F.linear(h.float(), self.head.weight))
+        return self.hook_logits(fp32_logits(h, self.head.weight))
 
     def _run_mtp(self, streams, tokens, logits, positions, next_tokens) -> list[torch.Tensor]:
         if not len(self.mtp):
@@ -278,6 +283,20 @@ class HookedV4(HookedRootModule):
         if isinstance(name, str):
             self.check_hook_names([name])
         return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+
+def fp32_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """head · h in fp32 for every position: [..., d] x [V, d] -> [..., V] fp32.
+
+    A bf16 head is upcast a vocabulary slice at a time, so no fp32 copy of the whole table exists.
+    """
+    h32 = h.float()
+    if weight.dtype == torch.float32:
+        return F.linear(h32, weight)
+    out = h32.new_empty(h.shape[:-1] + (weight.shape[0],))  # written in place: no second logits tensor
+    for v0 in range(0, weight.shape[0], chunk):
+        out[..., v0 : v0 + chunk] = F.linear(h32, weight[v0 : v0 + chunk].float())
+    return out
 
 
 def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:

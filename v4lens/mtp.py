@@ -45,4 +45,6 @@ class MTPBlock(Block):
 
     def logits(self, streams: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
-        return self.hook_logits(F.linear(h.float(), head.float()))
+        from .model import fp32_logits
+
+        return self.hook_logits(fp32_logits(h, head))

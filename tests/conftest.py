@@ -1,0 +1,42 @@
+"""Shared pytest fixtures. Keep this small; append new fixtures rather than rewriting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import v4lens
+
+
+# ---------------------------------------------------------------- tiny model, small vocab
+# (used by test_hooks.py, test_patching_tl.py, test_inputs.py, test_precision.py)
+@pytest.fixture(scope="session")
+def tiny256():
+    """The `tiny` preset with d_vocab=256, fp32, seed 0, in eval mode.
+
+    Session-shared and READ-ONLY: tests must not change its weights, dtype or device, and
+    must not leave hooks attached (run_with_hooks / run_with_cache clean up after themselves).
+    """
+    return v4lens.load("tiny", d_vocab=256, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tokens_2x40():
+    """Random tokens [2, 40] for tiny256: long enough that the CSA indexer (top-3 of up to 10
+    entries) is selective and the HCA layer (m=6) has 6 compressed entries."""
+    return torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1234))
+
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny-model tests on one intra-op thread (restored afterwards).
+
+    The tiny models are dominated by per-op overhead; on a busy 2-core machine, two torch
+    threads per op make them several times slower. Use with
+    `pytestmark = pytest.mark.usefixtures("single_thread")`.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
