@@ -132,19 +132,22 @@ class Attention(nn.Module):
         hooked = any(is_hooked(h) for h in (self.hook_attn_scores, self.hook_pattern, self.hook_sink))
         chunk = S if hooked else self.cfg.attn_chunk_size
         batch = torch.arange(b, device=q.device)[:, None, None]
-        scale = c**-0.5
+        keys32 = keys.float()  # [b,N,c]: gathering from fp32 keys makes the candidates fp32 in one copy
+        q32 = q.float() * c**-0.5  # scaling q (not the K-times larger scores) is the same logits up to rounding
         out = []
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
             index = key_index[:, s0:s1]
-            cand = keys[batch, index.clamp(min=0)]  # [b,s,K,c]
-            scores = torch.einsum("bphc,bpkc->bhpk", q[:, s0:s1].float(), cand.float()) * scale
-            scores = self.hook_attn_scores(scores.masked_fill((index < 0)[:, None], float("-inf")))
-            logits = torch.cat([scores, sink_logit[:, :, s0:s1, None].float()], dim=-1)
-            probs = torch.softmax(logits, dim=-1)
-            self.hook_sink(probs[..., -1])
-            pattern = self.hook_pattern(probs[..., :-1])
-            out.append(torch.einsum("bhpk,bpkc->bphc", pattern.to(cand.dtype), cand))
+            cand = keys32[batch, index.clamp(min=0)]  # [b,s,K,c]
+            # computed [b,s,h,K] (a plain batched GEMM); the hooks see TransformerLens's [b,h,s,K]
+            scores = torch.matmul(q32[:, s0:s1], cand.transpose(-1, -2))
+            scores = scores.masked_fill((index < 0)[:, :, None], float("-inf"))
+            scores = self.hook_attn_scores(scores.transpose(1, 2)).transpose(1, 2)
+            sink = sink_logit[:, :, s0:s1].transpose(1, 2)[..., None].float()  # [b,s,h,1]
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)
+            self.hook_sink(probs[..., -1].transpose(1, 2))
+            pattern = self.hook_pattern(probs[..., :-1].transpose(1, 2)).transpose(1, 2)
+            out.append(torch.matmul(pattern, cand).to(q.dtype))  # [b,s,h,c]
         return torch.cat(out, dim=1)
 
     def _project_out(self, z: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ class V4Config:
     initializer_range: float = 0.02
     use_attn_result: bool = False  # opt-in hook blocks.{l}.attn.hook_result [b,p,h,d]
     use_expert_out: bool = False  # opt-in hook blocks.{l}.mlp.hook_expert_out [b,p,k,d]
-    attn_chunk_size: int = 1024  # queries per attention chunk when nothing is hooked there
+    attn_chunk_size: int = 256  # queries per attention/indexer chunk when nothing hooks the whole tensor
     qat: bool = False  # SPEC decision 2: QAT simulation is not implemented
 
     def __post_init__(self):

@@ -143,7 +143,8 @@ class MoE(nn.Module):
         _check_expert_ids(ids, E, self.hook_expert_ids.name)
         weights = torch.where(ids >= 0, scores.gather(-1, ids.clamp(min=0)), 0.0)
         if cfg.score_func != "softmax":
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            total = weights.sum(dim=-1, keepdim=True)
+            weights = weights / torch.where(total > 0, total, 1.0)  # a token with every slot emptied gets 0, not NaN
         weights = self.hook_expert_weights(weights * cfg.route_scale)
 
         slots = self.experts(x.reshape(b * S, D), ids.reshape(b * S, -1), weights.reshape(b * S, -1))
