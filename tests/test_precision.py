@@ -201,3 +201,19 @@ def test_other_dtypes_are_refused(m32):
     assert m32.cfg.dtype == torch.float32 and m32.embed.weight.dtype == torch.float32
     with pytest.raises(ValueError):
         v4lens.load("tiny", d_vocab=256, dtype="fp16")
+
+
+def test_bf16_head_gives_fp32_logits_of_the_bf16_values():
+    """The bf16 model's head multiplies bf16-valued operands: its logits must be the fp32 GEMM's
+    (to summation order), not a bf16-rounded product, and the oneDNN precision flag is restored."""
+    from v4lens.model import fp32_logits
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 256, generator=gen).bfloat16()
+    weight = torch.randn(5000, 256, generator=gen).bfloat16()
+    got = fp32_logits(h, weight, chunk=1024)
+    exact = torch.nn.functional.linear(h.double(), weight.double())
+    assert got.dtype == torch.float32
+    assert float((got.double() - exact).abs().max() / exact.abs().max()) < 1e-6  # bf16 output would be ~4e-3
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

@@ -53,7 +53,7 @@ def main(argv=None) -> None:
 
     last = tokens.shape[1] - 1
     comb = cache["blocks.0.attn_hc.hook_comb"][0, last]
-    print(f"\nSinkhorn comb matrix, layer 0 attention, last token (comb[j,k] = stream j -> stream k):")
+    print("\nSinkhorn comb matrix, layer 0 attention, last token (comb[j,k] = stream j -> stream k):")
     for row in comb:
         print("   " + " ".join(f"{float(v):.3f}" for v in row))
     print(f"   row sums {[round(float(s), 3) for s in comb.sum(1)]}, column sums {[round(float(s), 3) for s in comb.sum(0)]}")

@@ -21,16 +21,16 @@ def hf_model_like(model: HookedV4, dtype: torch.dtype | None = None, device=None
     dtype = dtype or model.cfg.dtype
     with torch.device("meta"):
         hf = DeepseekV4ForCausalLM(hf_cfg)
+    # choose dtypes while still on the meta device, so only one copy is ever allocated
+    hf = hf.to(dtype)
+    for name, p in hf.named_parameters():  # what transformers keeps in fp32 when it loads bf16
+        if any(k in name for k in hf._keep_in_fp32_modules_strict):
+            p.data = p.data.float()
+    for name, b in hf.named_buffers():
+        if "e_score_correction_bias" in name:
+            b.data = b.data.float()
     hf.to_empty(device=device or model.device)
     copy_weights_to_hf(model, hf)
-    if dtype != torch.float32:
-        hf = hf.to(dtype)
-        for name, p in hf.named_parameters():  # what transformers keeps fp32 when loading bf16
-            if any(k in name for k in hf._keep_in_fp32_modules_strict):
-                p.data = p.data.float()
-        for name, b in hf.named_buffers():
-            if "e_score_correction_bias" in name or "inv_freq" in name:
-                b.data = b.data.float()
     _reset_rotary(hf)
     return hf.eval()
 

@@ -16,7 +16,6 @@ import torch
 
 from .config import PRESETS, V4Config, preset, resolve_dtype
 from .model import HookedV4
-from .params import is_fp32_island
 
 
 # ---------------------------------------------------------------------- public entry point
