@@ -40,11 +40,10 @@ class Block(nn.Module):
     def forward(self, streams: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
         """streams [b,S,n,d], positions [S], tokens [b,S] -> streams [b,S,n,d]."""
         dtype = streams.dtype
-        streams32 = self.hook_streams_pre(streams).float()
-        x, post, comb = self.attn_hc(streams32, dtype)
+        streams = self.hook_streams_pre(streams)
+        x, post, mixed = self.attn_hc(streams)
         attn_out = self.hook_attn_out(self.attn(self.ln1(x), positions))
-        streams = self.hook_streams_mid(expand(attn_out, streams32, post, comb, dtype))
-        streams32 = streams.float()
-        x, post, comb = self.mlp_hc(streams32, dtype)
+        streams = self.hook_streams_mid(expand(attn_out, mixed, post, dtype))
+        x, post, mixed = self.mlp_hc(streams)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(x), tokens))
-        return self.hook_streams_post(expand(mlp_out, streams32, post, comb, dtype))
+        return self.hook_streams_post(expand(mlp_out, mixed, post, dtype))

@@ -47,15 +47,25 @@ def collapse(streams32: torch.Tensor, pre: torch.Tensor, dtype: torch.dtype) -> 
     return torch.einsum("bpn,bpnd->bpd", pre, streams32).to(dtype)
 
 
-def expand(
-    out: torch.Tensor, streams32: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """hc_post: X'_k = post_k · f + Σ_j comb[j, k] · X_j (contracts comb's FIRST index), fp32, one cast.
+def collapse_and_mix(
+    streams32: torch.Tensor, pre: torch.Tensor, comb: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two reads of the streams in one batched GEMM: y = Σ_j pre_j X_j and mixed_k = Σ_j comb[j, k] X_j.
 
-    out [b, p, d], streams32 [b, p, n, d] fp32 (the streams that entered hc_pre),
-    post [b, p, n], comb [b, p, n, n] -> [b, p, n, d] in `dtype`.
+    streams32 [b,p,n,d] fp32, pre [b,p,n], comb [b,p,n,n] -> (y [b,p,d] in `dtype`, mixed [b,p,n,d] fp32).
+    `mixed` does not depend on the sub-layer, so it is formed while the streams are at hand.
     """
-    mixed = torch.einsum("bpjk,bpjd->bpkd", comb, streams32)
+    weights = torch.cat([pre[..., None, :], comb.transpose(-1, -2)], dim=-2)  # [b,p,1+n,n]
+    both = torch.matmul(weights, streams32)  # [b,p,1+n,d]
+    return both[:, :, 0].to(dtype), both[:, :, 1:]
+
+
+def expand(out: torch.Tensor, mixed: torch.Tensor, post: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """hc_post: X'_k = post_k · f + Σ_j comb[j, k] · X_j (comb contracted on its FIRST index), fp32, one cast.
+
+    out [b,p,d] (the sub-layer output f), mixed [b,p,n,d] fp32 (Σ_j comb[j,k] X_j, from
+    `collapse_and_mix`), post [b,p,n] -> streams [b,p,n,d] in `dtype`.
+    """
     return torch.addcmul(mixed, post[..., None], out.float()[:, :, None, :]).to(dtype)
 
 
@@ -92,11 +102,15 @@ class HyperConnection(nn.Module):
         comb = sinkhorn(comb_logits, self.iters, self.hc_eps)
         return self.hook_pre(pre), self.hook_post(post), self.hook_comb(comb)
 
-    def forward(self, streams32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """streams32 [b,p,n,d] fp32 (upcast once by the caller, who reuses it for `expand`)
-        -> (collapsed sub-layer input [b,p,d] in `dtype`, post, comb)."""
+    def forward(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [b,p,n,d] -> (collapsed sub-layer input [b,p,d], post [b,p,n], mixed [b,p,n,d] fp32).
+
+        `mixed` = combᵀ·streams, what `expand` adds the post-weighted sub-layer output to.
+        """
+        streams32 = streams.float()
         pre, post, comb = self.mixings(streams32)
-        return self.hook_out(collapse(streams32, pre, dtype)), post, comb
+        collapsed, mixed = collapse_and_mix(streams32, pre, comb, streams.dtype)
+        return self.hook_out(collapsed), post, mixed
 
 
 class HyperHead(nn.Module):
