@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from transformer_lens.hook_points import HookPoint
 
@@ -113,6 +114,11 @@ class Attention(nn.Module):
             key_index = torch.cat([key_index, torch.where(comp >= 0, comp + S, -1)], dim=-1)
             keys = torch.cat([kv, entries], dim=1)  # [b, S+T, c]
         key_index = self.hook_key_index(key_index)
+        if key_index.numel() and int(key_index.max()) >= keys.shape[1]:
+            raise ValueError(
+                f"{self.hook_key_index.name}: candidate {int(key_index.max())} does not exist "
+                f"(0..{S - 1} are tokens, {S}..{keys.shape[1] - 1} compressed entries, -1 empty)"
+            )
 
         # a fresh tensor (repeat, not expand): an in-place hook edit must not write into attn_sink
         sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].repeat(b, 1, S))
@@ -153,13 +159,15 @@ class Attention(nn.Module):
     def _project_out(self, z: torch.Tensor) -> torch.Tensor:
         """Grouped output projection: group g's heads -> wo_a[g] (R_o) -> concat -> wo_b. [b,S,H,c] -> [b,S,D]."""
         cfg = self.cfg
-        b, S, H, c = z.shape
-        G, R_o = cfg.o_groups, cfg.o_lora_rank
-        wo_a = self.wo_a.view(G, R_o, H // G, c)
+        c, G = cfg.head_dim, cfg.o_groups
+        # group g = heads g·H/G .. (g+1)·H/G - 1, consecutive; wo_a's rows are group-major
+        wo_a = rearrange(self.wo_a, "(g r) (j c) -> g r j c", g=G, c=c)
+        z = rearrange(z, "b s (g j) c -> b s g j c", g=G)
         if cfg.use_attn_result:
             # per-head write into d: exact, since both projections are linear
-            u = torch.einsum("bsgjc,grjc->bsgjr", z.view(b, S, G, H // G, c), wo_a)
-            result = torch.einsum("bsgjr,dgr->bsgjd", u, self.wo_b.view(-1, G, R_o)).reshape(b, S, H, -1)
+            u = torch.einsum("bsgjc,grjc->bsgjr", z, wo_a)
+            wo_b = rearrange(self.wo_b, "d (g r) -> d g r", g=G)
+            result = rearrange(torch.einsum("bsgjr,dgr->bsgjd", u, wo_b), "b s g j d -> b s (g j) d")
             return self.hook_result(result).sum(dim=2)
-        u = torch.einsum("bsgi,gri->bsgr", z.reshape(b, S, G, H // G * c), wo_a.flatten(2))
-        return F.linear(u.flatten(2), self.wo_b)
+        u = torch.einsum("bsgjc,grjc->bsgr", z, wo_a)
+        return F.linear(rearrange(u, "b s g r -> b s (g r)"), self.wo_b)
