@@ -1,6 +1,6 @@
 """Quickstart: load a model, cache a forward, read V4's routing decisions, edit one and see the effect.
 
-    python examples/quickstart.py                # mini-3b, bf16 (~20 s to build, ~6.5 GB)
+    python examples/quickstart.py                # mini-3b, bf16 (~10 s to build, ~6.5 GB)
     python examples/quickstart.py --model tiny   # seconds
 """
 
