@@ -194,3 +194,18 @@ def test_loads_what_transformers_saves(tmp_path):
         with torch.no_grad():
             assert torch.equal(loaded(tokens), model(tokens))
     assert (tmp_path / "50KB" / "model.safetensors.index.json").exists()
+
+
+def test_query_chunking_matches_transformers_and_the_unchunked_run():
+    """Long inputs are processed in query chunks (attention and indexer): chunk boundaries must not matter."""
+    model, hf = build_pair("tiny")
+    tokens = torch.randint(0, model.cfg.d_vocab, (2, LENGTH))
+    with torch.no_grad():
+        whole = model(tokens)
+        model.cfg.attn_chunk_size = 7  # every attention and indexer reads it per call: 9 query chunks
+        try:
+            chunked = model(tokens)
+        finally:
+            model.cfg.attn_chunk_size = 256
+        assert rel(chunked, whole) <= 1e-6
+        assert rel(chunked, hf(tokens, use_cache=False).logits) <= 1e-5

@@ -34,7 +34,7 @@ class Indexer(nn.Module):
     def __init__(self, cfg: V4Config, device=None):
         super().__init__()
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.chunk = cfg.attn_chunk_size
+        self.cfg = cfg
         dtype = cfg.dtype
         self.wq_b = param((cfg.index_n_heads * cfg.index_head_dim, cfg.q_lora_rank), dtype, device)
         self.weights_proj = param((cfg.index_n_heads, cfg.d_model), dtype, device)
@@ -62,7 +62,7 @@ class Indexer(nn.Module):
             self.hook_scores(torch.zeros((b, S, 0), dtype=torch.float32, device=x.device))
             return self.hook_topk(torch.full((b, S, 0), -1, dtype=torch.long, device=x.device))
         # The score matrix is [S, T] = S²/4: score in query chunks unless someone hooks it whole.
-        chunk = S if is_hooked(self.hook_scores) else self.chunk
+        chunk = S if is_hooked(self.hook_scores) else self.cfg.attn_chunk_size
         picks = []
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
