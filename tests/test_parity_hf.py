@@ -196,6 +196,7 @@ def test_loads_what_transformers_saves(tmp_path):
     assert (tmp_path / "50KB" / "model.safetensors.index.json").exists()
 
 
+@torch.no_grad()
 def test_query_chunking_matches_transformers_and_the_unchunked_run():
     """Long inputs are processed in query chunks (attention and indexer): chunk boundaries must not matter."""
     model, hf = build_pair("tiny")
@@ -205,7 +206,14 @@ def test_query_chunking_matches_transformers_and_the_unchunked_run():
         model.cfg.attn_chunk_size = 7  # every attention and indexer reads it per call: 9 query chunks
         try:
             chunked = model(tokens)
+            # hooked: scores/pattern/sink are assembled whole from chunks
+            hooked, cache = model.run_with_cache(tokens, names_filter=lambda n: "hook_pattern" in n or "sink" in n)
         finally:
             model.cfg.attn_chunk_size = 256
-        assert rel(chunked, whole) <= 1e-6
-        assert rel(chunked, hf(tokens, use_cache=False).logits) <= 1e-5
+        _, whole_cache = model.run_with_cache(tokens, names_filter=lambda n: "hook_pattern" in n)
+    assert rel(chunked, whole) <= 1e-6 and rel(hooked, whole) <= 1e-6
+    assert rel(chunked, hf(tokens, use_cache=False).logits) <= 1e-5
+    for name, pattern in whole_cache.cache_dict.items():
+        assert rel(cache[name], pattern) <= 1e-6
+        sink = cache[name.replace("hook_pattern", "hook_sink")]
+        assert torch.allclose(cache[name].sum(-1) + sink, torch.ones_like(sink), atol=1e-6)

@@ -132,28 +132,48 @@ class Attention(nn.Module):
         """Softmax over each query's gathered candidates plus the sink logit; the sink column is dropped.
 
         q [b,S,H,c], keys [b,N,c] (raw tokens then compressed entries), key_index [b,S,K],
-        sink_logit [b,H,S] -> z [b,S,H,c].
+        sink_logit [b,H,S] -> z [b,S,H,c]. Work is done a query chunk at a time; when a hook
+        wants the scores, pattern or sink mass, those are assembled whole ([b,h,p,K], still
+        linear in S) and the hooks see (and may replace) the whole tensor.
         """
         b, S, H, c = q.shape
-        hooked = any(is_hooked(h) for h in (self.hook_attn_scores, self.hook_pattern, self.hook_sink))
-        chunk = S if hooked else self.cfg.attn_chunk_size
+        spans = [(s0, min(S, s0 + self.cfg.attn_chunk_size)) for s0 in range(0, S, self.cfg.attn_chunk_size)]
         batch = torch.arange(b, device=q.device)[:, None, None]
         keys32 = keys.float()  # [b,N,c]: gathering from fp32 keys makes the candidates fp32 in one copy
         q32 = q.float() * c**-0.5  # scaling q (not the K-times larger scores) is the same logits up to rounding
-        out = []
-        for s0 in range(0, S, chunk):
-            s1 = min(S, s0 + chunk)
+        sink = sink_logit.transpose(1, 2)[..., None].float()  # [b,S,h,1]
+
+        def candidates(s0: int, s1: int) -> tuple[torch.Tensor, torch.Tensor]:
             index = key_index[:, s0:s1]
-            cand = keys32[batch, index.clamp(min=0)]  # [b,s,K,c]
-            # computed [b,s,h,K] (a plain batched GEMM); the hooks see TransformerLens's [b,h,s,K]
+            return keys32[batch, index.clamp(min=0)], index < 0  # [b,s,K,c], [b,s,K]
+
+        def scores_of(s0: int, s1: int, cand: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+            # [b,s,h,K]: a plain batched GEMM; the hooks see TransformerLens's [b,h,s,K]
             scores = torch.matmul(q32[:, s0:s1], cand.transpose(-1, -2))
-            scores = scores.masked_fill((index < 0)[:, :, None], float("-inf"))
-            scores = self.hook_attn_scores(scores.transpose(1, 2)).transpose(1, 2)
-            sink = sink_logit[:, :, s0:s1].transpose(1, 2)[..., None].float()  # [b,s,h,1]
+            return scores.masked_fill(empty[:, :, None], float("-inf"))
+
+        def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)
-            self.hook_sink(probs[..., -1].transpose(1, 2))
-            pattern = self.hook_pattern(probs[..., :-1].transpose(1, 2)).transpose(1, 2)
-            out.append(torch.matmul(pattern, cand).to(q.dtype))  # [b,s,h,c]
+            return probs[..., :-1], probs[..., -1]  # pattern [b,s,h,K], sink mass [b,s,h]
+
+        if not any(is_hooked(h) for h in (self.hook_attn_scores, self.hook_pattern, self.hook_sink)):
+            out = []
+            for s0, s1 in spans:
+                cand, empty = candidates(s0, s1)
+                pattern, _ = softmax_with_sink(scores_of(s0, s1, cand, empty), sink[:, s0:s1])
+                out.append(torch.matmul(pattern, cand).to(q.dtype))
+            return torch.cat(out, dim=1)
+
+        scores = q32.new_empty(b, S, H, key_index.shape[-1])
+        for s0, s1 in spans:
+            scores[:, s0:s1] = scores_of(s0, s1, *candidates(s0, s1))
+        scores = self.hook_attn_scores(scores.transpose(1, 2)).transpose(1, 2)
+        pattern, sink_mass = torch.empty_like(scores), q32.new_empty(b, S, H)
+        for s0, s1 in spans:
+            pattern[:, s0:s1], sink_mass[:, s0:s1] = softmax_with_sink(scores[:, s0:s1], sink[:, s0:s1])
+        self.hook_sink(sink_mass.transpose(1, 2))
+        pattern = self.hook_pattern(pattern.transpose(1, 2)).transpose(1, 2)
+        out = [torch.matmul(pattern[:, s0:s1], candidates(s0, s1)[0]).to(q.dtype) for s0, s1 in spans]
         return torch.cat(out, dim=1)
 
     def _project_out(self, z: torch.Tensor) -> torch.Tensor:

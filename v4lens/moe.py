@@ -40,11 +40,14 @@ class Experts(nn.Module):
         self.w3 = param((E, I, D), cfg.dtype, device)
         self.limit = cfg.swiglu_limit
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, per_slot: bool = False
+    ) -> torch.Tensor:
         """Each expert runs once on the tokens routed to it.
 
-        x [N, D], ids [N, k] (-1 = empty slot), weights [N, k] fp32 -> per-slot outputs [N, k, D]
-        (weighted, model dtype; empty slots are zero).
+        x [N, D], ids [N, k] (-1 = empty slot), weights [N, k] fp32 -> the weighted sum over slots,
+        accumulated in fp32 in increasing expert order like the reference ([N, D] fp32), or with
+        per_slot=True each slot's weighted output ([N, k, D], model dtype; empty slots zero).
         """
         N, k = ids.shape
         flat_ids = ids.flatten()
@@ -53,17 +56,25 @@ class Experts(nn.Module):
         n_empty = int((flat_ids < 0).sum())
         token_of_slot = order // k
         slot_weights = weights.flatten()[order]
-        outputs = x.new_zeros(N * k, x.shape[-1])
+        if per_slot:
+            outputs = x.new_zeros(N * k, x.shape[-1])
+        else:
+            outputs = x.new_zeros(N, x.shape[-1], dtype=torch.float32)
         start = n_empty  # empty slots (-1) sort first
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
             sl = slice(start, start + count)
-            hidden = clamped_swiglu(x[token_of_slot[sl]], self.w1[expert], self.w3[expert], self.limit)
+            tokens = token_of_slot[sl]
+            hidden = clamped_swiglu(x[tokens], self.w1[expert], self.w3[expert], self.limit)
             hidden = hidden * slot_weights[sl, None]  # routing weight before w2, in fp32
-            outputs[order[sl]] = F.linear(hidden.to(x.dtype), self.w2[expert])
+            y = F.linear(hidden.to(x.dtype), self.w2[expert])
+            if per_slot:
+                outputs[order[sl]] = y
+            else:
+                outputs.index_add_(0, tokens, y.float())
             start += count
-        return outputs.view(N, k, -1)
+        return outputs.view(N, k, -1) if per_slot else outputs
 
 
 class SharedExpert(nn.Module):
@@ -147,12 +158,14 @@ class MoE(nn.Module):
             weights = weights / torch.where(total > 0, total, 1.0)  # a token with every slot emptied gets 0, not NaN
         weights = self.hook_expert_weights(weights * cfg.route_scale)
 
-        slots = self.experts(x.reshape(b * S, D), ids.reshape(b * S, -1), weights.reshape(b * S, -1))
-        slots = slots.view(b, S, -1, D)
-        if cfg.use_expert_out:
-            slots = self.hook_expert_out(slots)
+        flat = (x.reshape(b * S, D), ids.reshape(b * S, -1), weights.reshape(b * S, -1))
+        if cfg.use_expert_out:  # per-slot outputs exist as a tensor (and can be edited) only when asked for
+            slots = self.hook_expert_out(self.experts(*flat, per_slot=True).view(b, S, -1, D))
+            routed = slots.float().sum(dim=2)
+        else:
+            routed = self.experts(*flat).view(b, S, D)
         shared = self.hook_shared_out(self.shared_experts(x))
-        return (slots.float().sum(dim=2) + shared.float()).to(x.dtype)
+        return (routed + shared.float()).to(x.dtype)
 
 
 def _check_expert_ids(ids: torch.Tensor, n_experts: int, name: str | None) -> None:
