@@ -208,3 +208,9 @@ def test_tid2eid_rows_hold_distinct_experts(tiny256):
         assert len({tuple(r) for r in t.tolist()}) > 20  # rows really are random (56 ordered pairs exist)
         used = torch.bincount(t.flatten(), minlength=cfg.n_routed_experts)
         assert (used > 0).all()  # every expert is reachable
+
+
+def test_to_string_accepts_a_single_token(tiny256):
+    tokens = tiny256.to_tokens("Hello world")
+    assert tiny256.to_string(tokens[0, 1]) == tiny256.to_string([int(tokens[0, 1])])
+    assert tiny256.to_string(int(tokens[0, 1])) == tiny256.to_string(tokens[0, 1:2])

@@ -115,6 +115,8 @@ class HookedV4(HookedRootModule):
             return [self.tokenizer.decode(row.tolist()) for row in tokens]
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.tolist()
+        if isinstance(tokens, int):  # a single token id (e.g. an argmax)
+            tokens = [tokens]
         return self.tokenizer.decode(list(tokens))
 
     def to_single_token(self, string: str) -> int:
