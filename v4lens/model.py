@@ -6,7 +6,6 @@ with logits for every position (SPEC decision 6) and the MTP blocks on request.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Literal, Sequence
 
 import torch
@@ -17,6 +16,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .block import Block
 from .config import V4Config
+from .head import fp32_logits
 from .hyper_connections import HyperHead
 from .mtp import MTPBlock
 from .norm import RMSNorm
@@ -133,8 +133,7 @@ class HookedV4(HookedRootModule):
             raise ValueError(f"v4lens runs in float32 or bfloat16, not {dtype}")
         if dtype is not None:
             for name, p in self.named_parameters():
-                island = name in self._fp32_islands or is_fp32_island(p)
-                if not island and p.is_floating_point():
+                if name not in self._fp32_islands and p.is_floating_point():
                     p.data = p.data.to(dtype)
             self.cfg.dtype = dtype
         if device is not None:
@@ -286,40 +285,6 @@ class HookedV4(HookedRootModule):
         if isinstance(name, str):
             self.check_hook_names([name])
         return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
-
-
-def fp32_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """head · h in fp32 for every position: [..., d] x [V, d] -> [..., V] fp32.
-
-    A bf16 head is upcast a vocabulary slice at a time, so no fp32 copy of the whole table exists.
-    When both operands hold bf16 values (a bf16 model), every product is exact in bf16, so on
-    CPU oneDNN may multiply in bf16 while accumulating and writing fp32: the same fp32 logits up
-    to summation order, about twice as fast as an fp32 GEMM.
-    """
-    h32 = h.float()
-    if weight.dtype == torch.float32:
-        return F.linear(h32, weight)
-    out = h32.new_empty(h.shape[:-1] + (weight.shape[0],))  # written in place: no second logits tensor
-    exact_in_bf16 = h.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-    with _bf16_products_fp32_sums(h.device, exact_in_bf16):
-        for v0 in range(0, weight.shape[0], chunk):
-            out[..., v0 : v0 + chunk] = F.linear(h32, weight[v0 : v0 + chunk].float())
-    return out
-
-
-@contextlib.contextmanager
-def _bf16_products_fp32_sums(device: torch.device, enabled: bool):
-    """Let CPU fp32 GEMMs multiply in bf16 (only used where the operands are bf16-valued, so exact)."""
-    flag = getattr(torch.backends.mkldnn, "matmul", None)
-    if not enabled or device.type != "cpu" or flag is None or not torch.backends.mkldnn.is_available():
-        yield
-        return
-    before = flag.fp32_precision
-    flag.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        flag.fp32_precision = before
 
 
 def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .block import Block
 from .config import V4Config
+from .head import fp32_logits
 from .hyper_connections import HyperHead
 from .norm import RMSNorm
 from .params import param
@@ -45,6 +46,4 @@ class MTPBlock(Block):
 
     def logits(self, streams: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
-        from .model import fp32_logits
-
         return self.hook_logits(fp32_logits(h, head))

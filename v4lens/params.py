@@ -9,7 +9,7 @@ from torch import nn
 def fp32_param(t: torch.Tensor) -> nn.Parameter:
     """A parameter that stays fp32 whatever the model dtype (norm weights, mHC, sinks, router bias, ...)."""
     p = nn.Parameter(t.float(), requires_grad=True)
-    p._v4_fp32 = True  # read by HookedV4.to() to keep the island in fp32
+    p._v4_fp32 = True  # HookedV4 records these names at construction; its .to(dtype) keeps them fp32
     return p
 
 
