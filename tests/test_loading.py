@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import v4lens
-from v4lens.loading import canonical_name
+from v4lens.names import canonical_name
 
 
 @pytest.fixture(scope="module")

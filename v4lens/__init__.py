@@ -2,12 +2,13 @@
 
 from .cache import V4ActivationCache
 from .config import PRESETS, V4Config, preset
-from .loading import canonical_name, init_weights, load
+from .loading import Checkpoint, init_weights, load
+from .names import canonical_name, official_name
 from .model import HookedV4
 from .tokenizer import load_tokenizer
 
 __all__ = [
     "HookedV4", "V4ActivationCache", "V4Config", "PRESETS", "preset", "load", "load_tokenizer",
-    "init_weights", "canonical_name",
+    "init_weights", "canonical_name", "official_name", "Checkpoint",
 ]  # fmt: skip
 __version__ = "0.1.0"

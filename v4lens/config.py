@@ -289,6 +289,8 @@ class V4Config:
             except KeyError as e:
                 raise ValueError(f"unknown layer type {e} in layer_types") from None
         ratios = ratios[: n_layers + n_mtp]
+        if len(ratios) == n_layers and d.get("v4lens_mtp_compress_ratios"):  # written by v4lens' save_pretrained
+            ratios += list(d["v4lens_mtp_compress_ratios"])[:n_mtp]
         mlp_types = d.get("mlp_layer_types")
         if mlp_types is not None:
             n_hash = sum(1 for t in mlp_types if t == "hash_moe")
@@ -440,7 +442,8 @@ class V4Config:
             "score_func": self.score_func, "route_scale": self.route_scale, "swiglu_limit": self.swiglu_limit,
             "q_lora_rank": self.q_lora_rank, "head_dim": self.head_dim, "rope_head_dim": self.rope_head_dim,
             "norm_eps": self.norm_eps, "o_groups": self.o_groups, "o_lora_rank": self.o_lora_rank,
-            "window_size": self.window_size, "compress_ratios": list(self.compress_ratios),
+            "window_size": self.window_size,
+            "compress_ratios": [self.compress_ratio(i) for i in range(self.n_layers + self.n_mtp_layers)],
             "compress_rope_theta": self.compress_rope_theta, "original_seq_len": self.original_seq_len,
             "rope_theta": self.rope_theta, "rope_factor": self.rope_factor, "beta_fast": self.beta_fast,
             "beta_slow": self.beta_slow, "index_n_heads": self.index_n_heads,

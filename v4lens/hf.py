@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .loading import canonical_name
+from .names import canonical_name
 from .model import HookedV4
 
 

@@ -16,6 +16,8 @@ import torch
 
 from .config import PRESETS, V4Config, preset, resolve_dtype
 from .model import HookedV4
+from .names import canonical_name
+from .quant import dequantize
 
 
 # ---------------------------------------------------------------------- public entry point
@@ -135,72 +137,142 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+class Checkpoint:
+    """A local checkpoint directory opened for reading: its layout, config and tensors.
+
+    Tensors are read one at a time from the memory-mapped files; FP8 / FP4 weights with a
+    `<name>.scale` (or `.weight_scale_inv`) are dequantised to fp32 on read. Use as a
+    context manager, or call `close()`.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.format = detect_format(self.path)
+        self.raw_config = json.loads((self.path / "config.json").read_text())
+        self._handles: dict[Path, object] = {}
+        self._file: dict[str, Path] = {}
+        for f in safetensors_files(self.path):
+            for key in self._handle(f).keys():
+                self._file[key] = f
+        self._scale: dict[str, str] = {}  # quantised weight -> its scale tensor
+        for key in self._file:
+            for suffix in (".scale", ".weight_scale_inv"):
+                weight = key[: -len(suffix)] + ".weight"
+                if key.endswith(suffix) and weight in self._file and self.stored_dtype(weight) in _QUANTISED:
+                    self._scale[weight] = key
+        unscaled = [k for k in self._file if self.stored_dtype(k) in _QUANTISED and k not in self._scale]
+        unscaled = [k for k in unscaled if self.stored_dtype(k) == "F8_E4M3" or not k.endswith(".tid2eid")]
+        if unscaled:
+            raise ValueError(f"{self.path}: quantised tensors without a `.scale` tensor: {unscaled[:10]}")
+        scales = set(self._scale.values())
+        self.keys = [k for k in self._file if k not in scales]
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(file, "pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+        return self._handles[file]
+
+    def stored_dtype(self, key: str) -> str:
+        """The safetensors dtype string of a stored tensor ("BF16", "F8_E4M3", "I8", ...)."""
+        return self._handle(self._file[key]).get_slice(key).get_dtype()
+
+    def is_quantized(self, key: str) -> bool:
+        return key in self._scale
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape once dequantised (packed FP4 holds two columns per byte)."""
+        shape = tuple(self._handle(self._file[key]).get_slice(key).get_shape())
+        return shape[:-1] + (2 * shape[-1],) if self.stored_dtype(key) in ("I8", "U8") and self.is_quantized(key) else shape
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
+        file = self._file[key]
+        try:
+            tensor = self._handle(file).get_tensor(key)
+            if key in self._scale:
+                tensor = dequantize(tensor, self._handle(self._file[self._scale[key]]).get_tensor(self._scale[key]))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{file}: cannot read tensor {key}: {e}") from e
+        except Exception as e:  # a file truncated after its header was read
+            raise ValueError(f"{file}: cannot read tensor {key} ({type(e).__name__}: {e})") from e
+        return tensor
+
+    def canonical_keys(self) -> dict[tuple[str, int | None], str]:
+        """(v4lens name, expert index or None) -> stored key, for every tensor v4lens uses."""
+        out = {}
+        for key in self.keys:
+            name, expert = canonical_name(key, with_expert=True)
+            if name is not None:
+                out[(name, expert)] = key
+        return out
+
+    def config(self, **overrides) -> V4Config:
+        build = V4Config.from_hf if self.format == "hf" else V4Config.from_official
+        overrides.setdefault("name", self.path.name)
+        return build(self.raw_config, **overrides)
+
+    def has_mtp(self) -> bool:
+        return any(name.startswith("mtp.") for name, _ in self.canonical_keys())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_QUANTISED = ("F8_E4M3", "I8", "U8")
+
+
 def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV4:
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
-    from safetensors import safe_open
-
-    fmt = detect_format(path)
-    raw = json.loads((path / "config.json").read_text())
-    files = safetensors_files(path)
-    names: dict[str, Path] = {}
-    for f in files:
-        try:
-            with safe_open(f, "pt") as handle:
-                for key in handle.keys():
-                    names[key] = f
-        except Exception as e:  # safetensors raises its own error types
-            raise ValueError(f"cannot read safetensors file {f}: {e}") from e
-    if any(k.endswith(".scale") for k in names) or any(k.endswith("_scale_inv") for k in names):
-        raise NotImplementedError(f"{path}: quantised FP8/FP4 checkpoints are not supported yet")
-
-    build = V4Config.from_hf if fmt == "hf" else V4Config.from_official
-    cfg = build(raw, dtype=resolve_dtype(dtype), device=device, name=path.name, **overrides)
-    if cfg.n_mtp_layers and not any(canonical_name(k).startswith("mtp.") for k in names):
-        warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without MTP")
-        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
-    model = build_empty(cfg, device)
-    load_tensors(model, names)
+    with Checkpoint(path) as ckpt:
+        cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
+        if cfg.n_mtp_layers and not ckpt.has_mtp():
+            warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without MTP")
+            cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+        model = build_empty(cfg, device)
+        load_tensors(model, ckpt)
     return model
 
 
-def load_tensors(model: HookedV4, names: dict[str, Path]) -> None:
+def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
     """Copy every checkpoint tensor into its v4lens parameter; error on missing, extra or mis-shaped ones."""
-    from safetensors import safe_open
-
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     filled: set[str] = set()
     expert_rows: dict[str, set[int]] = {}
     unexpected = []
-    handles = {}
-    try:
-        for key, file in names.items():
-            target_name, expert = canonical_name(key, with_expert=True)
-            if target_name is None:
-                continue  # tensors v4lens deliberately ignores (e.g. mtp.*.embed)
-            if target_name not in targets:
-                unexpected.append(key)
-                continue
-            if file not in handles:
-                handles[file] = safe_open(file, "pt")
-            tensor = handles[file].get_tensor(key)
-            dst = targets[target_name]
-            if expert is not None:
-                if dst.ndim != 3 or expert >= dst.shape[0]:
-                    raise ValueError(f"checkpoint tensor {key}: expert {expert} does not exist in {target_name}")
-                dst = dst[expert]
-                expert_rows.setdefault(target_name, set()).add(expert)
-            if tuple(tensor.shape) != tuple(dst.shape):
-                raise ValueError(
-                    f"checkpoint tensor {key} has shape {tuple(tensor.shape)} but v4lens {target_name}"
-                    f"{'' if expert is None else f'[{expert}]'} expects {tuple(dst.shape)}"
-                )
-            with torch.no_grad():
-                dst.copy_(tensor.to(dst.dtype))
-            if expert is None:
-                filled.add(target_name)
-    finally:
-        handles.clear()
+    for key in ckpt.keys:
+        target_name, expert = canonical_name(key, with_expert=True)
+        if target_name is None:
+            continue  # tensors v4lens deliberately ignores (e.g. mtp.*.embed)
+        if target_name not in targets:
+            unexpected.append(key)
+            continue
+        dst = targets[target_name]
+        if expert is not None:
+            if dst.ndim != 3 or expert >= dst.shape[0]:
+                raise ValueError(f"checkpoint tensor {key}: expert {expert} does not exist in {target_name}")
+            dst = dst[expert]
+            expert_rows.setdefault(target_name, set()).add(expert)
+        if ckpt.shape(key) != tuple(dst.shape):
+            raise ValueError(
+                f"checkpoint tensor {key} has shape {ckpt.shape(key)} but v4lens {target_name}"
+                f"{'' if expert is None else f'[{expert}]'} expects {tuple(dst.shape)}"
+            )
+        with torch.no_grad():
+            dst.copy_(ckpt.get(key))
+        if expert is None:
+            filled.add(target_name)
     for name, rows in expert_rows.items():
         if len(rows) == targets[name].shape[0]:
             filled.add(name)
@@ -215,74 +287,3 @@ def load_tensors(model: HookedV4, names: dict[str, Path]) -> None:
         if unexpected:
             parts.append(f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
         raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
-
-
-# ---------------------------------------------------------------------- names
-# (pattern, replacement) applied in order to a name with any leading "model." removed.
-# Left: transformers' module names (HF 5.23 internals) and the names its save_pretrained writes;
-# right: DeepSeek's official names (SPEC §B2), which the second table maps to v4lens.
-_HF_TO_OFFICIAL = [
-    (r"^embed_tokens\.", "embed."),
-    (r"^lm_head\.", "head."),
-    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
-    (r"\.self_attn\.", ".attn."),
-    (r"\.mlp\.", ".ffn."),
-    (r"\.input_layernorm\.", ".attn_norm."),
-    (r"\.post_attention_layernorm\.", ".ffn_norm."),
-    (r"\.(attn|ffn)_hc\.(fn|base|scale)$", r".hc_\1_\2"),
-    (r"\.sinks$", ".attn_sink"),
-    (r"\.compressor\.indexer\.scorer\.weights_proj\.", ".indexer.weights_proj."),
-    (r"\.compressor\.indexer\.q_b_proj\.", ".indexer.wq_b."),
-    (r"\.compressor\.indexer\.", ".indexer.compressor."),
-    (r"\.compressor\.kv_norm\.", ".compressor.norm."),
-    (r"\.position_bias$", ".ape"),
-    (r"\.q_a_proj\.", ".wq_a."),
-    (r"\.q_b_proj\.", ".wq_b."),
-    (r"\.q_a_norm\.", ".q_norm."),
-    (r"\.compressor\.kv_proj\.", ".compressor.wkv."),
-    (r"\.compressor\.gate_proj\.", ".compressor.wgate."),
-    (r"\.kv_proj\.", ".wkv."),
-    (r"\.o_a_proj\.", ".wo_a."),
-    (r"\.o_b_proj\.", ".wo_b."),
-    (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
-    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
-    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
-    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
-    (r"\.attn\.norm\.weight$", ".attn.kv_norm.weight"),  # what HF 5.23's save_pretrained writes
-]
-_OFFICIAL_TO_V4LENS = [
-    (r"^layers\.(\d+)\.", r"blocks.\1."),
-    (r"^norm\.weight$", "ln_final.w"),
-    (r"^hc_head_(fn|base|scale)$", r"hc_head.\1"),
-    (r"^(mtp\.\d+)\.norm\.weight$", r"\1.ln_final.w"),
-    (r"^(mtp\.\d+)\.hc_head_(fn|base|scale)$", r"\1.hc_head.\2"),
-    (r"\.attn_norm\.weight$", ".ln1.w"),
-    (r"\.ffn_norm\.weight$", ".ln2.w"),
-    (r"\.hc_attn_(fn|base|scale)$", r".attn_hc.\1"),
-    (r"\.hc_ffn_(fn|base|scale)$", r".mlp_hc.\1"),
-    (r"\.ffn\.", ".mlp."),
-    (r"\.(q_norm|kv_norm|norm|enorm|hnorm)\.weight$", r".\1.w"),
-    (r"\.(wq_a|wq_b|wkv|wgate|wo_a|wo_b|weights_proj|e_proj|h_proj|w1|w2|w3)\.weight$", r".\1"),
-]
-_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(w[123])$")
-_IGNORED = re.compile(r"^mtp\.\d+\.(emb|embed|head)\.")
-
-
-def canonical_name(name: str, with_expert: bool = False):
-    """Any known checkpoint name -> the v4lens parameter name (and the expert index for per-expert tensors).
-
-    Returns None (or (None, None)) for tensors v4lens ignores on purpose.
-    """
-    n = re.sub(r"^model\.", "", name)
-    for pattern, repl in _HF_TO_OFFICIAL:
-        n = re.sub(pattern, repl, n)
-    if _IGNORED.search(n):
-        return (None, None) if with_expert else None
-    for pattern, repl in _OFFICIAL_TO_V4LENS:
-        n = re.sub(pattern, repl, n)
-    expert = None
-    match = _EXPERT.search(n)
-    if match:
-        expert = int(match.group(1))
-        n = n[: match.start()] + f".mlp.experts.{match.group(2)}"
-    return (n, expert) if with_expert else n

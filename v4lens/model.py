@@ -161,6 +161,13 @@ class HookedV4(HookedRootModule):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None):
+        """Write safetensors + config.json in transformers' layout (`format="hf"`) or DeepSeek's
+        (`"official"`); `v4lens.load(path)` reads either back bit-exactly. See `v4lens.saving`."""
+        from .saving import save_pretrained
+
+        return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, dtype=dtype)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
