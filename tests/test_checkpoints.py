@@ -153,7 +153,9 @@ def test_fp4_packing_order_and_values():
     grid = FP4_VALUES[:8]
     scaled = (w / s.float().repeat_interleave(32, dim=1)).clamp(-6, 6)
     err = (scaled.abs()[..., None] - grid).abs().min(-1).values
-    assert torch.allclose((expected / s.float().repeat_interleave(32, dim=1)).abs(), scaled.abs(), atol=float(err.max()) + 1e-6)
+    assert torch.allclose(
+        (expected / s.float().repeat_interleave(32, dim=1)).abs(), scaled.abs(), atol=float(err.max()) + 1e-6
+    )
 
 
 _FP8 = re.compile(r"\.(wq_a|wq_b|wkv|wo_a|wo_b)\.weight$|shared_experts\.w[123]\.weight$")

@@ -1,6 +1,6 @@
 """The `v4lens` command line.
 
-    v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
+v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
 """
 
 from __future__ import annotations

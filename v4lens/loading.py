@@ -152,7 +152,7 @@ class Checkpoint:
         self._handles: dict[Path, object] = {}
         self._file: dict[str, Path] = {}
         for f in safetensors_files(self.path):
-            for key in self._handle(f).keys():
+            for key in self._handle(f).keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 self._file[key] = f
         self._scale: dict[str, str] = {}  # quantised weight -> its scale tensor
         for key in self._file:
@@ -222,7 +222,7 @@ class Checkpoint:
     def close(self) -> None:
         self._handles.clear()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc) -> None:

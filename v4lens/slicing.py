@@ -217,14 +217,18 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
     _check_selection("heads", heads, tgt.n_heads, src.n_heads)
     for g in range(tgt.o_groups):
         if len({h // src_per for h in heads[g * per : (g + 1) * per]}) != 1:
-            raise ValueError(f"target group {g} takes heads {heads[g * per:(g + 1) * per]} from more than one source group")
+            raise ValueError(
+                f"target group {g} takes heads {heads[g * per : (g + 1) * per]} from more than one source group"
+            )
 
     all_layers = range(tgt.n_layers + tgt.n_mtp_layers)
     if experts is None:
         experts = list(range(tgt.n_routed_experts))
-    per_layer = {t: list(experts.get(t, range(tgt.n_routed_experts))) for t in all_layers} if isinstance(
-        experts, dict
-    ) else {t: list(experts) for t in all_layers}
+    per_layer = (
+        {t: list(experts.get(t, range(tgt.n_routed_experts))) for t in all_layers}
+        if isinstance(experts, dict)
+        else {t: list(experts) for t in all_layers}
+    )
     for t, chosen in per_layer.items():
         _check_selection(f"experts of target layer {t}", chosen, tgt.n_routed_experts, src.n_routed_experts)
 
@@ -317,7 +321,7 @@ _LAYER = re.compile(r"^(blocks|mtp)\.(\d+)\.(.*)$")
 
 def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> torch.Tensor:
     """The target tensor `name` (a v4lens name) cut out of the source."""
-    src, tgt = plan.src, plan.tgt
+    tgt = plan.tgt
     D, V = plan.hidden, torch.arange(tgt.d_vocab)
     match = _LAYER.match(name)
     if match is None:  # embed, head, ln_final, hc_head
@@ -343,7 +347,7 @@ def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> t
 def _global_axes(plan: SlicePlan, name: str, D, V):
     if name in ("embed.weight", "head.weight"):
         return (V, D)
-    if name.endswith("ln_final.w") or name.endswith("norm.w"):
+    if name.endswith("norm.w"):  # ln_final, and the MTP block's enorm / hnorm
         return (D,)
     streams = torch.arange(plan.tgt.hc_mult)
     return {"hc_head.fn": (streams, plan.stream_hidden()), "hc_head.base": (streams,), "hc_head.scale": (None,)}[name]
@@ -406,7 +410,9 @@ def _read_cut(ckpt: Checkpoint, keys: dict, name: str, axes, expert: int | None 
     """Read one source tensor (dequantised) and keep `axes` (an index tensor, or None for all, per dim)."""
     key = keys.get((name, expert))
     if key is None:
-        raise ValueError(f"the source checkpoint has no tensor for {name}{'' if expert is None else f' expert {expert}'}")
+        raise ValueError(
+            f"the source checkpoint has no tensor for {name}{'' if expert is None else f' expert {expert}'}"
+        )
     tensor = ckpt.get(key)
     if isinstance(axes, list):  # blockwise (wo_a)
         return torch.cat([tensor[rows][:, cols] for rows, cols in axes])
@@ -415,7 +421,9 @@ def _read_cut(ckpt: Checkpoint, keys: dict, name: str, axes, expert: int | None 
     for dim, index in enumerate(axes):
         if index is not None:
             if index.numel() and int(index.max()) >= tensor.shape[dim]:
-                raise ValueError(f"{key} has shape {tuple(tensor.shape)}: index {int(index.max())} out of range on dim {dim}")
+                raise ValueError(
+                    f"{key} has shape {tuple(tensor.shape)}: index {int(index.max())} out of range on dim {dim}"
+                )
             tensor = tensor.index_select(dim, index)
     return tensor
 
