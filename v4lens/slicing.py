@@ -347,7 +347,7 @@ def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> t
 def _global_axes(plan: SlicePlan, name: str, D, V):
     if name in ("embed.weight", "head.weight"):
         return (V, D)
-    if name.endswith("norm.w"):  # ln_final, and the MTP block's enorm / hnorm
+    if name.endswith(("ln_final.w", "enorm.w", "hnorm.w")):
         return (D,)
     streams = torch.arange(plan.tgt.hc_mult)
     return {"hc_head.fn": (streams, plan.stream_hidden()), "hc_head.base": (streams,), "hc_head.scale": (None,)}[name]
