@@ -146,3 +146,13 @@ def test_unknown_directory_layout(tmp_path):
         v4lens.load(tmp_path)
     with pytest.raises(ValueError, match="neither a preset"):
         v4lens.load(tmp_path / "nowhere")
+
+
+def test_garbage_file_is_named(saved, tmp_path):
+    _, src = saved
+    bad = tmp_path / "garbage"
+    bad.mkdir()
+    (bad / "config.json").write_text((src / "config.json").read_text())
+    (bad / "model.safetensors").write_bytes((64).to_bytes(8, "little") + b"{not json at all" + b" " * 60)
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*garbage/model\.safetensors"):
+        v4lens.load(bad)

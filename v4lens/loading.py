@@ -6,7 +6,9 @@ Nothing here downloads anything. Only safetensors files are read (never pickles)
 from __future__ import annotations
 
 import json
+import os
 import re
+import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -150,6 +152,9 @@ class Checkpoint:
         self.format = detect_format(self.path)
         self.raw_config = json.loads((self.path / "config.json").read_text())
         self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[int, dict]] = {}
+        self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         self._file: dict[str, Path] = {}
         for f in safetensors_files(self.path):
             for key in self._handle(f).keys():  # noqa: SIM118 (a safetensors handle, not a dict)
@@ -170,12 +175,13 @@ class Checkpoint:
     def _handle(self, file: Path):
         from safetensors import safe_open
 
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(file, "pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise ValueError(f"cannot read safetensors file {file}: {e}") from e
-        return self._handles[file]
+        with self._lock:
+            if file not in self._handles:
+                try:
+                    self._handles[file] = safe_open(file, "pt")
+                except Exception as e:  # safetensors raises its own error types
+                    raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+            return self._handles[file]
 
     def stored_dtype(self, key: str) -> str:
         """The safetensors dtype string of a stored tensor ("BF16", "F8_E4M3", "I8", ...)."""
@@ -188,6 +194,52 @@ class Checkpoint:
         """The tensor's shape once dequantised (packed FP4 holds two columns per byte)."""
         shape = tuple(self._handle(self._file[key]).get_slice(key).get_shape())
         return shape[:-1] + (2 * shape[-1],) if self.stored_dtype(key) in ("I8", "U8") and self.is_quantized(key) else shape
+
+    def read_into(self, key: str, dst: torch.Tensor) -> None:
+        """Fill `dst` with the tensor (cast, dequantised). Thread-safe.
+
+        A plain tensor already in `dst`'s dtype is read from the file straight into `dst`'s
+        CPU memory (positional reads): no temporary copy and no mapped file pages, which would
+        count in the process's RSS — loading holds one copy of the model.
+        """
+        span = self._byte_span(key)
+        direct = (
+            span is not None and dst.device.type == "cpu" and dst.is_contiguous()
+            and _SAFETENSORS_DTYPES.get(self.stored_dtype(key)) == dst.dtype
+            and dst.numel() * dst.element_size() == span[1] - span[0]
+        )  # fmt: skip
+        if not direct:
+            with torch.no_grad():
+                dst.copy_(self.get(key))
+            return
+        view = memoryview(dst.detach().view(torch.uint8).reshape(-1).numpy())
+        fd, offset, done = self._fd(self._file[key]), span[0], 0
+        while done < len(view):  # one read returns at most ~2 GB on Linux
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise ValueError(f"{self._file[key]}: tensor {key} is truncated")
+            done += n
+
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
+    def _byte_span(self, key: str) -> tuple[int, int] | None:
+        """Absolute [start, end) of a tensor's bytes in its file (safetensors: 8-byte header size, JSON header)."""
+        file = self._file[key]
+        with self._lock:
+            if file not in self._headers:
+                with open(file, "rb") as f:
+                    size = int.from_bytes(f.read(8), "little")
+                    self._headers[file] = (8 + size, json.loads(f.read(size)))
+        data_start, header = self._headers[file]
+        entry = header.get(key)
+        if entry is None or key in self._scale:
+            return None
+        begin, end = entry["data_offsets"]
+        return data_start + begin, data_start + end
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
@@ -221,6 +273,9 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -230,6 +285,9 @@ class Checkpoint:
 
 
 _QUANTISED = ("F8_E4M3", "I8", "U8")
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
+}  # fmt: skip
 
 
 def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV4:
@@ -251,6 +309,7 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
     filled: set[str] = set()
     expert_rows: dict[str, set[int]] = {}
     unexpected = []
+    reads: list[tuple[str, torch.Tensor]] = []  # everything is matched and checked before any data is read
     for key in ckpt.keys:
         target_name, expert = canonical_name(key, with_expert=True)
         if target_name is None:
@@ -269,8 +328,7 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
                 f"checkpoint tensor {key} has shape {ckpt.shape(key)} but v4lens {target_name}"
                 f"{'' if expert is None else f'[{expert}]'} expects {tuple(dst.shape)}"
             )
-        with torch.no_grad():
-            dst.copy_(ckpt.get(key))
+        reads.append((key, dst))
         if expert is None:
             filled.add(target_name)
     for name, rows in expert_rows.items():
@@ -287,3 +345,7 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
         if unexpected:
             parts.append(f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
         raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+    # file reads and torch copies release the GIL: a few threads keep the disk / page cache busy
+    reads.sort(key=lambda kv: -kv[1].numel())
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(lambda kv: ckpt.read_into(*kv), reads))
