@@ -142,117 +142,95 @@ def safetensors_files(path: Path) -> list[Path]:
 class Checkpoint:
     """A local checkpoint directory opened for reading: its layout, config and tensors.
 
-    Tensors are read one at a time from the memory-mapped files; FP8 / FP4 weights with a
-    `<name>.scale` (or `.weight_scale_inv`) are dequantised to fp32 on read. Use as a
-    context manager, or call `close()`.
+    Each file is validated by safetensors when opened; tensor data is then read with
+    positional reads of the byte ranges its header gives (thread-safe, no memory-mapped pages
+    that would count in the process's RSS). FP8 / FP4 weights with a `<name>.scale` (or
+    `.weight_scale_inv`) are dequantised to fp32 on read. Use as a context manager, or call
+    `close()`.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.format = detect_format(self.path)
         self.raw_config = json.loads((self.path / "config.json").read_text())
-        self._handles: dict[Path, object] = {}
-        self._headers: dict[Path, tuple[int, dict]] = {}
-        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
-        self._file: dict[str, Path] = {}
+        self._fds: dict[Path, int] = {}
+        self._entry: dict[str, tuple[Path, int, dict]] = {}  # key -> (file, data start, header entry)
         for f in safetensors_files(self.path):
-            for key in self._handle(f).keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                self._file[key] = f
+            for key, (data_start, entry) in _header(f).items():
+                self._entry[key] = (f, data_start, entry)
         self._scale: dict[str, str] = {}  # quantised weight -> its scale tensor
-        for key in self._file:
+        for key in self._entry:
             for suffix in (".scale", ".weight_scale_inv"):
                 weight = key[: -len(suffix)] + ".weight"
-                if key.endswith(suffix) and weight in self._file and self.stored_dtype(weight) in _QUANTISED:
+                if key.endswith(suffix) and weight in self._entry and self.stored_dtype(weight) in _QUANTISED:
                     self._scale[weight] = key
-        unscaled = [k for k in self._file if self.stored_dtype(k) in _QUANTISED and k not in self._scale]
+        unscaled = [k for k in self._entry if self.stored_dtype(k) in _QUANTISED and k not in self._scale]
         unscaled = [k for k in unscaled if self.stored_dtype(k) == "F8_E4M3" or not k.endswith(".tid2eid")]
         if unscaled:
             raise ValueError(f"{self.path}: quantised tensors without a `.scale` tensor: {unscaled[:10]}")
         scales = set(self._scale.values())
-        self.keys = [k for k in self._file if k not in scales]
-
-    def _handle(self, file: Path):
-        from safetensors import safe_open
-
-        with self._lock:
-            if file not in self._handles:
-                try:
-                    self._handles[file] = safe_open(file, "pt")
-                except Exception as e:  # safetensors raises its own error types
-                    raise ValueError(f"cannot read safetensors file {file}: {e}") from e
-            return self._handles[file]
+        self.keys = [k for k in self._entry if k not in scales]
 
     def stored_dtype(self, key: str) -> str:
         """The safetensors dtype string of a stored tensor ("BF16", "F8_E4M3", "I8", ...)."""
-        return self._handle(self._file[key]).get_slice(key).get_dtype()
+        return self._entry[key][2]["dtype"]
 
     def is_quantized(self, key: str) -> bool:
         return key in self._scale
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape once dequantised (packed FP4 holds two columns per byte)."""
-        shape = tuple(self._handle(self._file[key]).get_slice(key).get_shape())
+        shape = tuple(self._entry[key][2]["shape"])
         return shape[:-1] + (2 * shape[-1],) if self.stored_dtype(key) in ("I8", "U8") and self.is_quantized(key) else shape
 
-    def read_into(self, key: str, dst: torch.Tensor) -> None:
-        """Fill `dst` with the tensor (cast, dequantised). Thread-safe.
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
+        tensor = self._read(key)
+        if key in self._scale:
+            try:
+                tensor = dequantize(tensor, self._read(self._scale[key]))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{self._entry[key][0]}: cannot dequantise {key}: {e}") from e
+        return tensor
 
-        A plain tensor already in `dst`'s dtype is read from the file straight into `dst`'s
-        CPU memory (positional reads): no temporary copy and no mapped file pages, which would
-        count in the process's RSS — loading holds one copy of the model.
-        """
-        span = self._byte_span(key)
+    def read_into(self, key: str, dst: torch.Tensor) -> None:
+        """Fill `dst` with the tensor (cast, dequantised). A plain tensor already in `dst`'s dtype
+        goes from the file straight into `dst`'s CPU memory: loading holds one copy of the model."""
         direct = (
-            span is not None and dst.device.type == "cpu" and dst.is_contiguous()
+            key not in self._scale and dst.device.type == "cpu" and dst.is_contiguous()
             and _SAFETENSORS_DTYPES.get(self.stored_dtype(key)) == dst.dtype
-            and dst.numel() * dst.element_size() == span[1] - span[0]
         )  # fmt: skip
-        if not direct:
+        if direct:
+            self._read(key, out=dst.detach())
+        else:
             with torch.no_grad():
                 dst.copy_(self.get(key))
-            return
-        view = memoryview(dst.detach().view(torch.uint8).reshape(-1).numpy())
-        fd, offset, done = self._fd(self._file[key]), span[0], 0
+
+    def _read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        file, data_start, entry = self._entry[key]
+        begin, end = entry["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise ValueError(f"{file}: tensor {key} has dtype {entry['dtype']}, which v4lens does not read")
+        if out is None:
+            out = torch.empty(entry["shape"], dtype=dtype)
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
+        if len(view) != end - begin:
+            raise ValueError(f"{file}: tensor {key} holds {end - begin} bytes, {len(view)} expected")
+        fd, done = self._fd(file), 0
         while done < len(view):  # one read returns at most ~2 GB on Linux
-            n = os.preadv(fd, [view[done:]], offset + done)
+            n = os.preadv(fd, [view[done:]], data_start + begin + done)
             if n == 0:
-                raise ValueError(f"{self._file[key]}: tensor {key} is truncated")
+                raise ValueError(f"{file}: tensor {key} is truncated")
             done += n
+        return out
 
     def _fd(self, file: Path) -> int:
         with self._lock:
             if file not in self._fds:
                 self._fds[file] = os.open(file, os.O_RDONLY)
             return self._fds[file]
-
-    def _byte_span(self, key: str) -> tuple[int, int] | None:
-        """Absolute [start, end) of a tensor's bytes in its file (safetensors: 8-byte header size, JSON header)."""
-        file = self._file[key]
-        with self._lock:
-            if file not in self._headers:
-                with open(file, "rb") as f:
-                    size = int.from_bytes(f.read(8), "little")
-                    self._headers[file] = (8 + size, json.loads(f.read(size)))
-        data_start, header = self._headers[file]
-        entry = header.get(key)
-        if entry is None or key in self._scale:
-            return None
-        begin, end = entry["data_offsets"]
-        return data_start + begin, data_start + end
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
-        file = self._file[key]
-        try:
-            tensor = self._handle(file).get_tensor(key)
-            if key in self._scale:
-                tensor = dequantize(tensor, self._handle(self._file[self._scale[key]]).get_tensor(self._scale[key]))
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"{file}: cannot read tensor {key}: {e}") from e
-        except Exception as e:  # a file truncated after its header was read
-            raise ValueError(f"{file}: cannot read tensor {key} ({type(e).__name__}: {e})") from e
-        return tensor
 
     def canonical_keys(self) -> dict[tuple[str, int | None], str]:
         """(v4lens name, expert index or None) -> stored key, for every tensor v4lens uses."""
@@ -272,7 +250,6 @@ class Checkpoint:
         return any(name.startswith("mtp.") for name, _ in self.canonical_keys())
 
     def close(self) -> None:
-        self._handles.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -286,8 +263,30 @@ class Checkpoint:
 
 _QUANTISED = ("F8_E4M3", "I8", "U8")
 _SAFETENSORS_DTYPES = {
-    "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64, "I32": torch.int32,
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
 }  # fmt: skip
+
+
+def _header(file: Path) -> dict[str, tuple[int, dict]]:
+    """A safetensors file's tensors: key -> (absolute start of the data section, header entry).
+
+    safetensors validates the file first (header, offsets, size), so a truncated or corrupt
+    file is reported here, naming it.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, "pt"):
+            pass
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+    header.pop("__metadata__", None)
+    return {key: (8 + size, entry) for key, entry in header.items()}
 
 
 def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV4:
