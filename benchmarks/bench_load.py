@@ -62,7 +62,11 @@ def worker(job: str, args) -> dict:
         model.save_pretrained(d / "hf")
         saved_hf = time.perf_counter()
         model.save_pretrained(d / "official", format="official")
-        return {"build_s": built - start, "save_hf_s": saved_hf - built, "save_official_s": time.perf_counter() - saved_hf}
+        return {
+            "build_s": built - start,
+            "save_hf_s": saved_hf - built,
+            "save_official_s": time.perf_counter() - saved_hf,
+        }
     if job == "scaffold":
         model = v4lens.load(args.preset, dtype=torch.bfloat16)
     elif job in ("hf", "official"):

@@ -215,3 +215,21 @@ def test_loading_straight_to_bf16_keeps_islands_fp32(model, tmp_path):
     assert loaded.blocks[1].attn.wq_b.dtype == torch.bfloat16
     assert loaded.blocks[1].attn_hc.fn.dtype == torch.float32
     assert torch.equal(loaded.blocks[1].attn.wq_b, model.blocks[1].attn.wq_b.to(torch.bfloat16))
+
+
+def test_safetensors_writer_is_read_by_safetensors(tmp_path):
+    from v4lens.safetensors_io import write_file
+
+    stacked = torch.randn(3, 4, 6)
+    tensors = [
+        ("bf16", torch.randn(5, 7).to(torch.bfloat16)), ("row", stacked[1]), ("strided", stacked[:, :, 1]),
+        ("fp8", torch.randn(4, 4).to(torch.float8_e4m3fn)), ("e8m0", torch.tensor([0.5, 8.0]).to(torch.float8_e8m0fnu)),
+        ("i8", torch.tensor([-3, 7], dtype=torch.int8)), ("i64", torch.arange(5)), ("empty", torch.zeros(0, 3)),
+        ("scalar", torch.tensor(2.5)),
+    ]  # fmt: skip
+    write_file(tmp_path / "x.safetensors", tensors, {"k": "v"})
+    back = load_file(tmp_path / "x.safetensors")
+    for name, t in tensors:
+        assert back[name].dtype == t.dtype and torch.equal(back[name].float(), t.float()), name
+    with safe_open(tmp_path / "x.safetensors", "pt") as h:
+        assert h.metadata() == {"k": "v"}

@@ -20,6 +20,7 @@ from .config import PRESETS, V4Config, preset, resolve_dtype
 from .model import HookedV4
 from .names import canonical_name
 from .quant import dequantize
+from .safetensors_io import DTYPES, read_header, read_into
 
 
 # ---------------------------------------------------------------------- public entry point
@@ -157,7 +158,7 @@ class Checkpoint:
         self._fds: dict[Path, int] = {}
         self._entry: dict[str, tuple[Path, int, dict]] = {}  # key -> (file, data start, header entry)
         for f in safetensors_files(self.path):
-            for key, (data_start, entry) in _header(f).items():
+            for key, (data_start, entry) in read_header(f).items():
                 self._entry[key] = (f, data_start, entry)
         self._scale: dict[str, str] = {}  # quantised weight -> its scale tensor
         for key in self._entry:
@@ -199,7 +200,7 @@ class Checkpoint:
         goes from the file straight into `dst`'s CPU memory: loading holds one copy of the model."""
         direct = (
             key not in self._scale and dst.device.type == "cpu" and dst.is_contiguous()
-            and _SAFETENSORS_DTYPES.get(self.stored_dtype(key)) == dst.dtype
+            and DTYPES.get(self.stored_dtype(key)) == dst.dtype
         )  # fmt: skip
         if direct:
             self._read(key, out=dst.detach())
@@ -210,20 +211,15 @@ class Checkpoint:
     def _read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
         file, data_start, entry = self._entry[key]
         begin, end = entry["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        dtype = DTYPES.get(entry["dtype"])
         if dtype is None:
             raise ValueError(f"{file}: tensor {key} has dtype {entry['dtype']}, which v4lens does not read")
         if out is None:
             out = torch.empty(entry["shape"], dtype=dtype)
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy()) if out.numel() else memoryview(b"")
-        if len(view) != end - begin:
-            raise ValueError(f"{file}: tensor {key} holds {end - begin} bytes, {len(view)} expected")
-        fd, done = self._fd(file), 0
-        while done < len(view):  # one read returns at most ~2 GB on Linux
-            n = os.preadv(fd, [view[done:]], data_start + begin + done)
-            if n == 0:
-                raise ValueError(f"{file}: tensor {key} is truncated")
-            done += n
+        if out.numel() * out.element_size() != end - begin:
+            raise ValueError(f"{file}: tensor {key} holds {end - begin} bytes, {out.numel() * out.element_size()} expected")
+        if read_into(self._fd(file), data_start + begin, out) != end - begin:
+            raise ValueError(f"{file}: tensor {key} is truncated")
         return out
 
     def _fd(self, file: Path) -> int:
@@ -262,33 +258,6 @@ class Checkpoint:
 
 
 _QUANTISED = ("F8_E4M3", "I8", "U8")
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu,
-}  # fmt: skip
-
-
-def _header(file: Path) -> dict[str, tuple[int, dict]]:
-    """A safetensors file's tensors: key -> (absolute start of the data section, header entry).
-
-    safetensors validates the file first (header, offsets, size), so a truncated or corrupt
-    file is reported here, naming it.
-    """
-    from safetensors import safe_open
-
-    try:
-        with safe_open(file, "pt"):
-            pass
-        with open(file, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
-    except Exception as e:  # safetensors raises its own error types
-        raise ValueError(f"cannot read safetensors file {file}: {e}") from e
-    header.pop("__metadata__", None)
-    return {key: (8 + size, entry) for key, entry in header.items()}
-
-
 def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV4:
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
     with Checkpoint(path) as ckpt:

@@ -16,6 +16,7 @@ import torch
 
 from .config import V4Config
 from .names import hf_saved_name, official_name
+from .safetensors_io import write_file
 
 FORMATS = ("hf", "official")
 _STACKED_EXPERTS = re.compile(r"\.experts\.w[123]$")
@@ -84,7 +85,6 @@ def write_safetensors(
     metadata: dict | None = None, progress: bool = False,
 ) -> None:  # fmt: skip
     """One `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -106,8 +106,7 @@ def write_safetensors(
     for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
         stale.unlink()  # a previous save's shards would otherwise be read too
     for file, shard in tqdm(list(zip(names, shards)), desc="writing shards", disable=not progress):
-        # a copy: per-expert rows are views of one stacked tensor, which safetensors refuses to share
-        save_file({n: t.detach().to("cpu", copy=True) for n, t in shard}, path / file, metadata=meta)
+        write_file(path / file, shard, meta)
     if len(shards) > 1:
         weight_map = {n: file for file, shard in zip(names, shards) for n, _ in shard}
         index = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
