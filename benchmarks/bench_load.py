@@ -9,7 +9,8 @@ file after writing it may come from disk, later ones from the page cache):
 * `scaffold`: `v4lens.load(preset, dtype=bf16)` (seeded random init);
 * `v4lens (hf)` / `v4lens (official)`: `v4lens.load(dir, dtype=bf16)`;
 * `transformers`: `AutoModelForCausalLM.from_pretrained(dir/hf, dtype=bf16)` on the same files;
-* `slice`: `v4lens.slice_checkpoint` of the official copy to a smaller config (`--slice-to`).
+* `slice`: `v4lens.slice_checkpoint` of the official copy to a smaller config (`--slice-to`;
+  its "model bytes" are the bytes written).
 
 Memory, both over the process's baseline just before the load (after imports): the peak RSS
 (VmHWM, reset through /proc/self/clear_refs; it counts mapped file pages too) and the private
@@ -77,11 +78,14 @@ def worker(job: str, args) -> dict:
         overrides = json.loads(args.slice_to)
         target = v4lens.preset(args.preset, **overrides)
         v4lens.slice_checkpoint(d / "official", target, d / "sliced", progress=False)
-        model = None
+        model = None  # "model bytes": what was written
     else:
         raise ValueError(job)
     seconds = time.perf_counter() - start
-    weights = 0 if model is None else sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if model is None:
+        weights = sum(f.stat().st_size for f in (d / "sliced").glob("*.safetensors"))
+    else:
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return {
         "seconds": seconds, "peak_rss": _status("VmHWM") - base_rss, "anon": _status("RssAnon") - base_anon,
         "weights": weights,
@@ -90,7 +94,7 @@ def worker(job: str, args) -> dict:
 
 def run(job: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", job] + [a for a in sys.argv[1:] if a != "--worker"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK) :])
@@ -103,9 +107,15 @@ def main(argv=None) -> int:
     p.add_argument("--dir", default="/tmp/v4lens-bench-load", help="where the checkpoints are written (~2× model size)")
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--slice-to", default='{"d_model": 1024, "n_routed_experts": 12, "n_layers": 14, '
-                   '"compress_ratios": [0, 0, 4, 112, 4, 112, 4, 112, 4, 112, 4, 112, 4, 0, 0]}',
-                   help="V4Config overrides of the preset for the slicing run (JSON)")  # fmt: skip
+    smaller = {
+        "d_model": 1024,
+        "n_routed_experts": 12,
+        "n_layers": 14,
+        "compress_ratios": [0, 0] + [4, 112] * 5 + [4, 0, 0],
+    }
+    p.add_argument(
+        "--slice-to", default=json.dumps(smaller), help="V4Config overrides of the preset for the slicing run (JSON)"
+    )
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--out", action="append", default=[], help=".md or .json (repeatable)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -130,8 +140,8 @@ def main(argv=None) -> int:
     size = sum(f.stat().st_size for f in (Path(args.dir) / "hf").glob("*.safetensors"))
     report = {
         "preset": args.preset, "dtype": "bfloat16", "threads": args.threads, "checkpoint_bytes": size,
-        "prepare": prep, "results": results, "machine": f"{platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB",
+        "prepare": prep, "results": results, "machine": (f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"),
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     md = render(report)
@@ -145,13 +155,15 @@ def render(r: dict) -> str:
     gb = 1e9
     names = {"scaffold": "random scaffold (seeded init)", "hf": "v4lens.load(transformers layout)",
              "official": "v4lens.load(official layout)", "transformers": "transformers from_pretrained",
-             "slice": "slice_checkpoint (official → smaller)"}  # fmt: skip
+             "slice": "slice_checkpoint (official → smaller; bytes written)"}  # fmt: skip
     lines = [
         f"# Loading {r['preset']} in bf16 ({r['date']}, {r['machine']}, {r['threads']} threads)",
         "",
-        f"Checkpoint: {r['checkpoint_bytes'] / gb:.2f} GB of safetensors; building the scaffold took "
-        f"{r['prepare']['build_s']:.1f} s, writing it {r['prepare']['save_hf_s']:.1f} s (transformers layout) and "
-        f"{r['prepare']['save_official_s']:.1f} s (official).",
+        (
+            f"Checkpoint: {r['checkpoint_bytes'] / gb:.2f} GB of safetensors; building the scaffold took "
+            f"{r['prepare']['build_s']:.1f} s, writing it {r['prepare']['save_hf_s']:.1f} s (transformers layout) "
+            f"and {r['prepare']['save_official_s']:.1f} s (official)."
+        ),
         "",
         "| what | time (best) | runs | peak RSS added | private memory added | model bytes | peak ÷ model |",
         "|---|---:|---|---:|---:|---:|---:|",

@@ -168,7 +168,11 @@ def quantize_checkpoint(directory, scale_format="e8m0"):
         tensors = load_file(file)
         for key in [k for k in tensors if _FP8.search(k) or _FP4.search(k)]:
             w = tensors.pop(key)
-            q, s = quantize_fp4(w) if _FP4.search(key) else quantize_fp8(w, scale_format=scale_format)
+            if _FP4.search(key):
+                q, s = quantize_fp4(w)
+                s = s.float() if scale_format == "fp32" else s  # the same powers of two, stored as fp32
+            else:
+                q, s = quantize_fp8(w, scale_format=scale_format)
             tensors[key], tensors[key.removesuffix(".weight") + ".scale"] = q, s
         save_file(tensors, file)
 
@@ -180,6 +184,8 @@ def test_quantised_official_checkpoint_loads_dequantised(model, tmp_path, scale_
     stored = load_file(tmp_path / "model.safetensors")
     assert stored["layers.1.attn.wq_b.weight"].dtype == torch.float8_e4m3fn
     assert stored["layers.2.ffn.experts.3.w2.weight"].dtype == torch.int8
+    scale_dtype = torch.float32 if scale_format == "fp32" else torch.float8_e8m0fnu
+    assert stored["layers.1.attn.wq_b.scale"].dtype == stored["layers.2.ffn.experts.3.w2.scale"].dtype == scale_dtype
 
     loaded = v4lens.load(tmp_path)
     # the same model built from the dequantised values, by hand
