@@ -174,13 +174,20 @@ def test_sliced_checkpoint_runs_and_records_its_provenance(sliced):
         assert json.loads(h.metadata()["v4lens_slice"])["layers"] == [0, 4, 5, 6]
 
 
-def test_slicing_to_the_source_config_reproduces_it(source, tmp_path):
+def test_slicing_to_the_source_config_reproduces_it(source, sliced, tmp_path):
     path, src = source
     slice_checkpoint(path, src.cfg, tmp_path / "same", dtype="float32", progress=False, format="hf")
     same = v4lens.load(tmp_path / "same")
     tokens = torch.randint(0, 512, (2, 50))
     with torch.no_grad():
         assert torch.equal(same(tokens), src(tokens))
+    # a transformers-layout source slices to the same tensors as the quantised official one
+    out, _, hidden = sliced
+    again = slice_checkpoint(tmp_path / "same", TARGET, tmp_path / "again", heads=HEADS, experts=EXPERTS,
+                             hidden=hidden, dtype="float32", progress=False)  # fmt: skip
+    assert again.layers == [0, 4, 5, 6]
+    first, second = v4lens.load(out).state_dict(), v4lens.load(tmp_path / "again").state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_tid2eid_remap_rule():
