@@ -80,7 +80,7 @@ def init_weights(model: HookedV4, seed: int = 0) -> None:
         else:
             gen = _generator(seed, name)
             # fp32 draws (so bf16 weights are the rounded fp32 ones), one expert slice at a time
-            for dst in (p.unbind(0) if p.ndim == 3 else [p]):
+            for dst in p.unbind(0) if p.ndim == 3 else [p]:
                 dst.copy_(torch.empty(dst.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
     with torch.no_grad():
@@ -140,6 +140,9 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
+_QUANTISED = ("F8_E4M3", "I8", "U8")  # stored weight dtypes that come with a scale tensor
+
+
 class Checkpoint:
     """A local checkpoint directory opened for reading: its layout, config and tensors.
 
@@ -166,8 +169,10 @@ class Checkpoint:
                 weight = key[: -len(suffix)] + ".weight"
                 if key.endswith(suffix) and weight in self._entry and self.stored_dtype(weight) in _QUANTISED:
                     self._scale[weight] = key
-        unscaled = [k for k in self._entry if self.stored_dtype(k) in _QUANTISED and k not in self._scale]
-        unscaled = [k for k in unscaled if self.stored_dtype(k) == "F8_E4M3" or not k.endswith(".tid2eid")]
+        unscaled = [
+            k for k in self._entry
+            if k.endswith(".weight") and self.stored_dtype(k) in _QUANTISED and k not in self._scale
+        ]  # fmt: skip
         if unscaled:
             raise ValueError(f"{self.path}: quantised tensors without a `.scale` tensor: {unscaled[:10]}")
         scales = set(self._scale.values())
@@ -183,7 +188,11 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape once dequantised (packed FP4 holds two columns per byte)."""
         shape = tuple(self._entry[key][2]["shape"])
-        return shape[:-1] + (2 * shape[-1],) if self.stored_dtype(key) in ("I8", "U8") and self.is_quantized(key) else shape
+        return (
+            shape[:-1] + (2 * shape[-1],)
+            if self.stored_dtype(key) in ("I8", "U8") and self.is_quantized(key)
+            else shape
+        )
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
@@ -217,7 +226,9 @@ class Checkpoint:
         if out is None:
             out = torch.empty(entry["shape"], dtype=dtype)
         if out.numel() * out.element_size() != end - begin:
-            raise ValueError(f"{file}: tensor {key} holds {end - begin} bytes, {out.numel() * out.element_size()} expected")
+            raise ValueError(
+                f"{file}: tensor {key} holds {end - begin} bytes, {out.numel() * out.element_size()} expected"
+            )
         if read_into(self._fd(file), data_start + begin, out) != end - begin:
             raise ValueError(f"{file}: tensor {key} is truncated")
         return out
@@ -257,7 +268,6 @@ class Checkpoint:
         self.close()
 
 
-_QUANTISED = ("F8_E4M3", "I8", "U8")
 def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV4:
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
     with Checkpoint(path) as ckpt:
