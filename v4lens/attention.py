@@ -178,16 +178,21 @@ class Attention(nn.Module):
 
     def _project_out(self, z: torch.Tensor) -> torch.Tensor:
         """Grouped output projection: group g's heads -> wo_a[g] (R_o) -> concat -> wo_b. [b,S,H,c] -> [b,S,D]."""
-        cfg = self.cfg
-        c, G = cfg.head_dim, cfg.o_groups
-        # group g = heads g·H/G .. (g+1)·H/G - 1, consecutive; wo_a's rows are group-major
-        wo_a = rearrange(self.wo_a, "(g r) (j c) -> g r j c", g=G, c=c)
-        z = rearrange(z, "b s (g j) c -> b s g j c", g=G)
-        if cfg.use_attn_result:
-            # per-head write into d: exact, since both projections are linear
-            u = torch.einsum("bsgjc,grjc->bsgjr", z, wo_a)
-            wo_b = rearrange(self.wo_b, "d (g r) -> d g r", g=G)
-            result = rearrange(torch.einsum("bsgjr,dgr->bsgjd", u, wo_b), "b s g j d -> b s (g j) d")
-            return self.hook_result(result).sum(dim=2)
-        u = torch.einsum("bsgjc,grjc->bsgr", z, wo_a)
+        if self.cfg.use_attn_result:
+            return self.hook_result(self.head_results(z)).sum(dim=2)
+        u = torch.einsum("bsgjc,grjc->bsgr", *self._grouped(z))
         return F.linear(rearrange(u, "b s g r -> b s (g r)"), self.wo_b)
+
+    def head_results(self, z: torch.Tensor) -> torch.Tensor:
+        """Each head's write into d, [b,S,H,c] -> [b,S,H,D]: exact, both projections are linear,
+        so the heads sum to the attention output (up to the order of the additions)."""
+        z, wo_a = self._grouped(z)
+        u = torch.einsum("bsgjc,grjc->bsgjr", z, wo_a)
+        wo_b = rearrange(self.wo_b, "d (g r) -> d g r", g=self.cfg.o_groups)
+        return rearrange(torch.einsum("bsgjr,dgr->bsgjd", u, wo_b), "b s g j d -> b s (g j) d")
+
+    def _grouped(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # group g = heads g·H/G .. (g+1)·H/G - 1, consecutive; wo_a's rows are group-major
+        G, c = self.cfg.o_groups, self.cfg.head_dim
+        wo_a = rearrange(self.wo_a, "(g r) (j c) -> g r j c", g=G, c=c)
+        return rearrange(z, "b s (g j) c -> b s g j c", g=G), wo_a
