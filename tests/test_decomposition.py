@@ -97,11 +97,13 @@ def test_coefficients_are_the_models_response_with_mixing_frozen(model, run):
     for layer, part in ((0, "attn"), (2, "mlp")):
         nudged = f"blocks.{layer}.hook_{part}_out"
 
-        def clean(x, hook):
+        def clean(x, hook, nudged=nudged):
             return cache[hook.name] + (1e-2 * v if hook.name == nudged else 0)
 
         out = {}
-        hooks = [(name, clean) for name in frozen] + [("hc_head.hook_out", lambda x, hook: out.setdefault("y", x))]
+        hooks = [(name, clean) for name in frozen] + [
+            ("hc_head.hook_out", lambda x, hook, out=out: out.setdefault("y", x))
+        ]
         with torch.no_grad():
             model.run_with_hooks(tokens, fwd_hooks=hooks)
         moved = (out["y"] - cache["hc_head.hook_out"]) / 1e-2
