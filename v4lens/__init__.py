@@ -2,6 +2,7 @@
 
 from .cache import V4ActivationCache
 from .config import PRESETS, V4Config, preset
+from .decomposition import decompose, stream_lineage
 from .loading import Checkpoint, init_weights, load
 from .names import canonical_name, official_name
 from .slicing import slice_checkpoint
@@ -11,6 +12,6 @@ from .tokenizer import load_tokenizer
 __all__ = [
     "HookedV4", "V4ActivationCache", "V4Config", "PRESETS", "preset", "load", "load_tokenizer",
     "init_weights", "canonical_name", "official_name", "Checkpoint",
-    "slice_checkpoint",
+    "slice_checkpoint", "decompose", "stream_lineage",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -11,7 +11,9 @@ their values in the run being explained, the map from the writes to the logit is
     y     = α_embed · e + Σ_s α_s · f_s,        α_s = preᵀ · comb_S ⋯ comb_{s+1} · post_s   (a scalar per token)
     logit = u · (w ⊙ y) / rms(y)                 (u: the unembedding row or any direction)
 
-so each write contributes α_s · (u ⊙ w / rms) · f_s, and the parts sum to the model's value.
+so each write contributes α_s · (u ⊙ w / rms) · f_s, and the parts sum to the model's value
+(to fp32 rounding in an fp32 model; a bf16 model rounds its streams to bf16 after every
+sub-layer, so there the parts sum to the value within that rounding, ~0.5% on `tiny`).
 Attention writes split further into heads (the grouped output projection is linear) and MoE
 writes into routed expert slots and the shared expert. `stream_lineage` gives the vector form
 before hc_head: how much of each write reaches each final stream.
