@@ -268,12 +268,17 @@ class HookedV4(HookedRootModule):
 
     # ------------------------------------------------------------------ caching
     def run_with_cache(self, *args, **kwargs):
-        """TransformerLens's `run_with_cache`, returning a stream-aware `V4ActivationCache`."""
-        from .cache import V4ActivationCache
+        """TransformerLens's `run_with_cache`, returning a stream-aware `V4ActivationCache`
+        (position slicing uses each hook's real position axis; see `v4lens.cache`)."""
+        from .cache import run_with_cache
 
-        remove_batch_dim = kwargs.get("remove_batch_dim", False)
-        out, cache_dict = super().run_with_cache(*args, **kwargs)
-        return out, V4ActivationCache(cache_dict, self, has_batch_dim=not remove_batch_dim)
+        return run_with_cache(self, *args, **kwargs)
+
+    def get_caching_hooks(self, *args, **kwargs):
+        """TransformerLens's `get_caching_hooks` with V4's position axes (streams are 4-D)."""
+        from .cache import caching_hooks
+
+        return caching_hooks(self, *args, **kwargs)
 
     def check_hook_names(self, names) -> None:
         """Raise a KeyError naming every unknown hook (with near matches) in `names`."""
