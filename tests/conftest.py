@@ -40,3 +40,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def perturb(model, seed: int, scale: float = 0.05):
+    """Add N(0, scale) noise to every parameter (norm weights, sinks, position biases and router
+    biases included), so no tensor keeps its symmetric initial value. Returns the model."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+    return model

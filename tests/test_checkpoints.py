@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from conftest import perturb
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -19,12 +20,7 @@ TOKENS = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(
 @pytest.fixture(scope="module")
 def model():
     """Tiny (sliding, CSA, HCA ratio 6, hash layer, MTP) with every tensor randomised."""
-    m = v4lens.load("tiny", d_vocab=512, seed=11)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return m
+    return perturb(v4lens.load("tiny", d_vocab=512, seed=11), seed=1)
 
 
 def _keys(directory):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturb
 
 import v4lens
 from v4lens.decomposition import decompose, decomposition_hooks, stream_lineage
@@ -14,12 +15,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    m = v4lens.load("tiny", d_vocab=256, seed=3)
-    gen = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return m
+    return perturb(v4lens.load("tiny", d_vocab=256, seed=3), seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import perturb
 from einops import rearrange
 from safetensors import safe_open
 from test_checkpoints import quantize_checkpoint
@@ -40,10 +41,7 @@ def source(tmp_path_factory):
 
     model = build_empty(SOURCE)
     init_weights(model, seed=4)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    perturb(model, seed=5)
     path = tmp_path_factory.mktemp("flash_like")
     model.save_pretrained(path, format="official", max_shard_size="2MB")
     quantize_checkpoint(path)
