@@ -43,7 +43,204 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--dtype", default="bfloat16", help="dtype of the written matrices (default: bfloat16)")
     sl.add_argument("--max-shard-size", default="5GB")
     sl.set_defaults(run=_slice)
+
+    info = commands.add_parser("info", help="config, parameter counts and layer types of a model",
+                               description="Print a model's config, parameter counts (total, active per token) "
+                               "and layer types, without building its weights.")  # fmt: skip
+    info.add_argument("model", help="preset name or checkpoint directory")
+    info.add_argument("--json", action="store_true", help="print the config as JSON")
+    info.set_defaults(run=_info)
+
+    run = commands.add_parser("run", help="top next-token predictions (and the MTP head's) for a prompt",
+                              description="Load a model, run one prompt and print the top-k next tokens "
+                              "at the last position, and the MTP block's top-k for the token after.")  # fmt: skip
+    _model_args(run, positional=True)
+    run.add_argument("--prompt", required=True, help="the prompt text")
+    run.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
+    run.add_argument("--top-k", type=int, default=10)
+    run.set_defaults(run=_run)
+
+    viz = commands.add_parser("viz", help="export router, Sinkhorn, indexer and attention figures",
+                              description="Run one prompt with the activation cache and export figures as "
+                              "HTML (offline) and PNG, with an index.html linking them: routing and mHC for "
+                              "every layer, indexer / compressed entries / attention for --layers.")  # fmt: skip
+    _model_args(viz, positional=False)
+    viz.add_argument("--prompt", required=True, help="the prompt text")
+    viz.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template")
+    viz.add_argument("--layers", type=_int_list, help="layers for indexer / attention figures (default: first CSA)")
+    viz.add_argument("--head", type=int, default=0, help="attention head to draw (default 0)")
+    viz.add_argument("--out", required=True, help="output directory")
+    viz.add_argument("--no-png", action="store_true", help="HTML only (PNG export needs Chromium)")
+    viz.set_defaults(run=_viz)
     return parser
+
+
+def _model_args(parser: argparse.ArgumentParser, positional: bool) -> None:
+    if positional:
+        parser.add_argument("model", help="preset name or checkpoint directory")
+    else:
+        parser.add_argument("--model", default="mini-3b", help="preset name or checkpoint directory (default mini-3b)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="default bf16")
+    parser.add_argument("--device", default=None, help="e.g. cuda (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+
+
+def _config_of(model: str):
+    from pathlib import Path
+
+    from .config import PRESETS, preset
+    from .loading import Checkpoint
+
+    if model in PRESETS:
+        return preset(model)
+    if Path(model).is_dir():
+        with Checkpoint(model) as ckpt:
+            cfg = ckpt.config()
+            return cfg if ckpt.has_mtp() else cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+    raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
+
+
+def _info(args) -> int:
+    cfg = _config_of(args.model)
+    if args.json:
+        print(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("device",)}, indent=1, default=str))
+        return 0
+    counts = cfg.param_counts()
+    kinds = cfg.layer_types()
+    print(f"{cfg.name}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.d_vocab}")
+    print(f"parameters: {counts['total']:,} total ({counts['total'] / 1e9:.2f}B), "
+          f"{counts['total_without_mtp']:,} without MTP, {counts['active']:,} active per token")  # fmt: skip
+    print(f"attention: {cfg.n_heads} heads × {cfg.head_dim} (rope {cfg.rope_head_dim}), 1 shared KV head, "
+          f"{cfg.o_groups} output groups, window {cfg.window_size}; indexer {cfg.index_n_heads} × "
+          f"{cfg.index_head_dim}, top-{cfg.index_topk}")  # fmt: skip
+    print(f"MoE: {cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared experts, top-{cfg.n_activated_experts}, "
+          f"inner {cfg.moe_inter_dim}, {cfg.n_hash_layers} hash-routed layers; mHC {cfg.hc_mult} streams; "
+          f"{cfg.n_mtp_layers} MTP block(s)")  # fmt: skip
+    letters = {"sliding": "S", "csa": "C", "hca": "H"}
+    print("layer types (S sliding, C CSA ratio 4, H HCA; * hash-routed):")
+    print("  " + " ".join(f"{i}:{letters[k]}{'' if k != 'hca' else cfg.compress_ratio(i)}{'*' if cfg.is_hash_layer(i) else ''}"
+                          for i, k in enumerate(kinds)))  # fmt: skip
+    for k in ("sliding", "csa", "hca"):
+        print(f"  {k}: {kinds.count(k)}")
+    return 0
+
+
+def _load_model(args):
+    import torch
+
+    from .loading import load
+
+    torch.set_grad_enabled(False)
+    return load(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+
+
+def _tokens(model, args):
+    if args.chat:
+        chat = model.tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return model.to_tokens(chat, prepend_bos=False)  # the template starts with BOS
+    return model.to_tokens(args.prompt)
+
+
+def _run(args) -> int:
+    model = _load_model(args)
+    tokens = _tokens(model, args)
+    has_mtp = len(model.mtp) > 0
+    out = model(tokens, mtp=True) if has_mtp else model(tokens)
+    logits, mtp_logits = (out[0], out[1]) if has_mtp else (out, [])
+    print(f"{model.cfg.name}: {tokens.shape[1]} prompt tokens; last: {model.to_str_tokens(tokens[0, -1:], prepend_bos=False)}")
+    _print_top(model, logits[0, -1], args.top_k, "next token (position t+1)")
+    for j, extra in enumerate(mtp_logits):
+        _print_top(model, extra[0, -1], args.top_k, f"MTP depth {j} (token t+{2 + j}, after the greedy draft)")
+    return 0
+
+
+def _viz(args) -> int:
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from . import plot
+
+    model = _load_model(args)
+    tokens = _tokens(model, args)
+    cfg = model.cfg
+    layers = args.layers
+    if layers is None:
+        csa = [l for l in range(cfg.n_layers) if cfg.layer_type(l) == "csa"]
+        layers = csa[:1] or [0]
+    bad = [l for l in layers if not 0 <= l < cfg.n_layers]
+    if bad:
+        raise ValueError(f"--layers {bad}: the model has layers 0..{cfg.n_layers - 1}")
+    _, cache = model.run_with_cache(tokens)
+
+    # (section, name, thunk): figures are built one at a time while exporting
+    jobs = [
+        ("routing", "expert_load", lambda: plot.expert_load(model, cache)),
+        ("routing", "routed_vs_shared", lambda: plot.routed_vs_shared(model, cache)),
+        *[("routing", f"router_L{l}", lambda l=l: plot.router_heatmap(model, cache, l)) for l in range(cfg.n_layers)],
+        ("mhc", "comb_grid", lambda: plot.comb_grid(model, cache)),
+        ("mhc", "pre_post_weights", lambda: plot.pre_post_weights(model, cache)),
+        ("mhc", "stream_norms", lambda: plot.stream_norms(model, cache)),
+        *[("mhc", f"sinkhorn_L{l}", lambda l=l: plot.sinkhorn_convergence(model, cache, l)) for l in range(cfg.n_layers)],
+        ("attention", "sink_mass", lambda: plot.sink_mass(model, cache)),
+    ]
+    for l in layers:
+        kind = cfg.layer_type(l)
+        if kind == "csa":
+            jobs.append(("retrieval", f"indexer_L{l}", lambda l=l: plot.indexer_scores(model, cache, l)))
+        if kind != "sliding":
+            jobs.append(("retrieval", f"entries_L{l}", lambda l=l: plot.compressed_entries(model, cache, l)))
+        jobs.append(("attention", f"attention_L{l}_h{args.head}",
+                     lambda l=l: plot.attention_pattern(model, cache, l, args.head)))  # fmt: skip
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written, png_error = [], None
+    with plot.export_session():
+        for section, name, build in tqdm(jobs, desc="figures"):
+            fig = build()
+            plot.save(fig, out / f"{name}.html")
+            png = None
+            if not args.no_png and png_error is None:
+                try:
+                    png = plot.save(fig, out / f"{name}.png").name
+                except plot.ExportError as e:
+                    png_error = str(e)
+            written.append((section, name, png))
+    _write_index(out, written, model, tokens, args.prompt)
+    if png_error:
+        print(f"v4lens viz: PNG export skipped — {png_error}", file=sys.stderr)
+    print(f"wrote {len(written)} figures to {out}/ (open {out / 'index.html'})")
+    return 0
+
+
+def _write_index(out, written, model, tokens, prompt: str) -> None:
+    import html
+
+    sections: dict[str, list[str]] = {}
+    for section, name, png in written:
+        thumb = f'<img src="{png}" alt="{name}" loading="lazy">' if png else ""
+        sections.setdefault(section, []).append(f'<a class="fig" href="{name}.html">{thumb}<span>{name}</span></a>')
+    body = "\n".join(f"<h2>{s}</h2><div class=grid>{''.join(items)}</div>" for s, items in sections.items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>v4lens — {html.escape(model.cfg.name)}</title>
+<style>body{{font-family:Helvetica,Arial,sans-serif;margin:2em;color:#222}} .grid{{display:flex;flex-wrap:wrap;gap:12px}}
+.fig{{display:flex;flex-direction:column;width:260px;text-decoration:none;color:#225;border:1px solid #ddd;padding:6px}}
+.fig img{{width:100%}}</style></head><body>
+<h1>v4lens — {html.escape(model.cfg.name)}</h1><p>Prompt ({tokens.shape[1]} tokens): <code>{html.escape(prompt)}</code></p>
+{body}</body></html>
+"""
+    (out / "index.html").write_text(page, encoding="utf-8")
+
+
+def _print_top(model, logits, k: int, title: str) -> None:
+    probs = logits.float().softmax(-1)
+    top = probs.topk(k)
+    print(f"\n{title}:")
+    for p, i in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"  {p:9.3g}  {i:>7d}  {model.to_string([i])!r}")
+
 
 
 def _slice(args) -> int:

@@ -1,0 +1,89 @@
+"""Writing figures: offline HTML always; PNG / SVG / PDF / JPEG / WebP through kaleido + Chromium.
+
+kaleido (plotly's image exporter) drives a headless Chromium. v4lens uses the system's
+Chromium (Debian: `apt-get install chromium`; kaleido finds it on PATH, or set BROWSER_PATH)
+and never downloads one. Where none exists, `save` still writes the HTML next to the requested
+file and raises `ExportError` saying what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+IMAGE_FORMATS = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
+class ExportError(RuntimeError):
+    """An image could not be written (no Chromium, or kaleido failed); the HTML was written instead."""
+
+
+def find_browser() -> str | None:
+    """The Chromium kaleido will use: $BROWSER_PATH, else the first of BROWSERS on PATH."""
+    import os
+
+    if os.environ.get("BROWSER_PATH"):
+        return os.environ["BROWSER_PATH"]
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+def save(fig, path: str | Path, width: int | None = None, height: int | None = None, scale: float = 1.0) -> Path:
+    """Write `fig` to `path`; the suffix picks the format. Returns the path written.
+
+    .html: a self-contained page with plotly.js embedded (works offline).
+    .png / .svg / .pdf / .jpg / .webp: through kaleido; width/height in CSS pixels (default: the
+    figure's own), `scale` multiplies the PNG resolution.
+
+        v4lens.plot.save(fig, "router.html"); v4lens.plot.save(fig, "router.png", width=900, height=500)
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix in (".html", ".htm"):
+        fig.write_html(path, include_plotlyjs=True, full_html=True)
+        return path
+    if suffix not in IMAGE_FORMATS:
+        raise ValueError(f"unknown figure format {suffix!r}: use .html or one of {', '.join(IMAGE_FORMATS)}")
+    if find_browser() is None:
+        html = save(fig, path.with_suffix(".html"))
+        raise ExportError(
+            f"cannot write {path.name}: image export needs a Chromium browser and none was found "
+            f"(looked for $BROWSER_PATH and {', '.join(BROWSERS)} on PATH). Install one — on Debian/Ubuntu "
+            f"`apt-get install chromium` — and retry. The figure was written as HTML instead: {html}"
+        )
+    try:
+        fig.write_image(path, width=width, height=height, scale=scale)
+    except Exception as e:  # kaleido / choreographer raise their own error types
+        html = save(fig, path.with_suffix(".html"))
+        raise ExportError(f"kaleido could not write {path}: {e}. The figure was written as HTML instead: {html}") from e
+    return path
+
+
+@contextlib.contextmanager
+def export_session():
+    """Keep one Chromium running while exporting many images (≈0.25 s per image instead of 3–7 s).
+
+        with v4lens.plot.export_session():
+            for name, fig in figures.items():
+                v4lens.plot.save(fig, f"out/{name}.png")
+    """
+    import warnings
+
+    import kaleido
+
+    started = False
+    if find_browser() is not None:
+        try:
+            kaleido.start_sync_server(silence_warnings=True)
+            started = True
+        except Exception:  # no server: each export starts its own browser, slower but correct
+            started = False
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+            yield
+    finally:
+        if started:
+            kaleido.stop_sync_server(silence_warnings=True)

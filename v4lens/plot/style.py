@@ -1,0 +1,139 @@
+"""The one look every v4lens figure shares, and the helpers that keep figures small.
+
+- `figure(...)` starts a `go.Figure` with the v4lens template (font, margins, colours);
+- `token_labels(model, cache)` gives "pos·token" strings for axes and hover text;
+- `pick_positions(n, max_positions, focus)` chooses which positions to draw when a sequence is
+  long: a window ending at `focus` (default: the last position), never an S×S matrix.
+
+Colour conventions: `SEQUENTIAL` for weights and probabilities (0 … 1), `DIVERGING` (centred on 0)
+for signed quantities (logit contributions, patching effects), `CATEGORICAL` for discrete
+series (layers, streams, experts).
+"""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu_r"
+CATEGORICAL = [
+    "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD",
+]  # fmt: skip
+MAX_POSITIONS = 128  # default cap on positions drawn along an axis
+FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=12, color="#222")
+
+pio.templates["v4lens"] = go.layout.Template(
+    layout=go.Layout(
+        font=FONT,
+        colorway=CATEGORICAL,
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        margin=dict(l=70, r=30, t=60, b=60),
+        title=dict(x=0.02, xanchor="left", font=dict(size=15)),
+        xaxis=dict(showgrid=False, zeroline=False, linecolor="#888", ticks="outside"),
+        yaxis=dict(showgrid=False, zeroline=False, linecolor="#888", ticks="outside"),
+        hoverlabel=dict(font_family=FONT["family"]),
+    )
+)
+
+
+def figure(title: str, width: int = 900, height: int = 520, **layout) -> go.Figure:
+    """A new figure in the v4lens style."""
+    fig = go.Figure()
+    fig.update_layout(template="v4lens", title=title, width=width, height=height, **layout)
+    return fig
+
+
+def token_labels(model, cache=None, tokens: torch.Tensor | None = None, batch: int = 0) -> list[str]:
+    """'pos·token' for every position of one prompt (token text via the model's tokenizer).
+
+    tokens: [b, S] or [S]; default `cache.tokens`. Positions are absolute (a position-sliced
+    cache keeps only its positions). Without a tokenizer the ids are shown.
+    """
+    if tokens is None:
+        tokens = getattr(cache, "tokens", None)
+        if tokens is None:
+            raise ValueError("token labels need the input tokens: pass tokens= or a cache from model.run_with_cache")
+    tokens = tokens[batch] if tokens.ndim == 2 else tokens
+    try:
+        strings = model.to_str_tokens(tokens.cpu(), prepend_bos=False)
+    except Exception:  # no tokenizer available: show ids
+        strings = [str(int(t)) for t in tokens]
+    strings = [s.replace("\n", "⏎") for s in strings]
+    return [f"{p}·{s}" for p, s in enumerate(strings)]
+
+
+def pick_positions(n: int, max_positions: int = MAX_POSITIONS, focus: int | None = None) -> list[int]:
+    """Which of n positions to draw: all if n <= max_positions, else a window ending at `focus`."""
+    if n <= max_positions:
+        return list(range(n))
+    end = n if focus is None else min(n, (focus % n) + 1)
+    start = max(0, end - max_positions)
+    return list(range(start, start + max_positions))
+
+
+def as_cache(model, source, names_filter=None):
+    """A cache from `source`: a cache is returned as is; a prompt (text) or tokens are run through
+    `model.run_with_cache` (caching only `names_filter`), so every plot takes either."""
+    from ..cache import V4ActivationCache
+
+    if isinstance(source, V4ActivationCache):
+        return source
+    with torch.no_grad():
+        _, cache = model.run_with_cache(source, names_filter=names_filter)
+    return cache
+
+
+# ----------------------------------------------------------------------------- hooks, layers, positions
+def hook_filter(*suffixes: str, blocks=None):
+    """A `names_filter` keeping `{block}.{suffix}` for the given block-relative hook names.
+
+    blocks: prefixes such as "blocks.3" / "mtp.0" (default: every block and MTP block).
+
+        cache = as_cache(model, tokens, names_filter=hook_filter("mlp.hook_expert_ids", blocks=["blocks.0"]))
+    """
+    import re
+
+    if blocks is not None:
+        names = {f"{b}.{s}" for b in blocks for s in suffixes}
+        return lambda name: name in names
+    pattern = re.compile(r"^(blocks|mtp)\.\d+\.(" + "|".join(re.escape(s) for s in suffixes) + r")$")
+    return lambda name: bool(pattern.match(name))
+
+
+def block_prefix(model, layer: int | str) -> str:
+    """Layer index (n_layers + i for MTP block i, as in `V4Config`) or prefix -> "blocks.l" / "mtp.i"."""
+    if isinstance(layer, str):
+        return layer.rstrip(".")
+    n = model.cfg.n_layers
+    layer = layer % n if layer < 0 else layer
+    return f"blocks.{layer}" if layer < n else f"mtp.{layer - n}"
+
+
+def layer_label(model, prefix: str) -> str:
+    """Short axis label of a block: "L0 sliding · hash", "L1 csa", "MTP0"."""
+    kind, i = prefix.split(".")
+    if kind == "mtp":
+        return f"MTP{i}"
+    l = int(i)
+    return f"L{l} {model.cfg.layer_type(l)}" + (" · hash" if model.cfg.is_hash_layer(l) else "")
+
+
+def cached(cache, name: str, plot: str) -> torch.Tensor:
+    """cache[name], or a KeyError naming the missing hook and the figure that needs it."""
+    d = getattr(cache, "cache_dict", cache)
+    if name not in d:
+        raise KeyError(
+            f"{plot} needs the cached hook {name!r}, which this cache lacks; pass the prompt or tokens "
+            f"instead (the figure then caches what it needs) or a cache that includes it"
+        )
+    return d[name]
+
+
+def resolve_position(position: int, n: int) -> int:
+    """A position index (negative counts from the end) -> 0 .. n-1, or IndexError."""
+    if not -n <= position < n:
+        raise IndexError(f"position {position} out of range for a sequence of {n} tokens")
+    return position % n
