@@ -8,8 +8,9 @@ Where the position axis is (HOOKS.md) decides how every slicing operation works:
   TransformerLens's head-first layout: the query position is axis 2 (the K candidates are not
   positions and are never sliced);
 - compressed-entry tensors (`*.compressor.*`, `*.indexer.hook_kv`) are `[b, T, ...]`: axis 1 is the
-  entry w, not a position, so position slicing leaves them whole. (Entry w pools tokens
-  [w·m, (w+1)·m); a query at p sees the entries that are complete by then, per `hook_key_index`.)
+  entry w, not a position, so position slicing leaves them whole. (HCA entry w pools tokens
+  [w·m, (w+1)·m), CSA entry w tokens [w·m − m, w·m + m); a query at p sees the entries complete
+  by then, per `hook_key_index`.)
 
 TransformerLens's own caching hooks guess the position axis from the end (-2, or -3 for q/k/v/z),
 which lands on the stream axis n of a `[b, p, n, d]` tensor; `caching_hooks` / `run_with_cache`
