@@ -140,3 +140,35 @@ def test_every_command_has_help(capsys):
             cli_main([*command, "--help"])
         assert exit_.value.code == 0
         assert "usage: v4lens" in capsys.readouterr().out
+
+
+def test_cli_viz_writes_what_it_promises(tmp_path, capsys):
+    out = tmp_path / "figs"
+    args = ["viz", "--model", "tiny", "--dtype", "fp32", "--prompt", "The capital of France is Paris, and the",
+            "--layers", "1,2", "--out", str(out)]  # fmt: skip
+    if CHROMIUM is None:
+        args.append("--no-png")
+    assert cli_main(args) == 0
+    names = ["expert_load", "routed_vs_shared", "comb_grid", "pre_post_weights", "stream_norms", "sink_mass",
+             "indexer_L1", "entries_L1", "entries_L2", "attention_L1_h0", "attention_L2_h0"]  # fmt: skip
+    names += [f"router_L{l}" for l in range(4)] + [f"sinkhorn_L{l}" for l in range(4)]
+    for name in names:
+        assert (out / f"{name}.html").stat().st_size > 1_000_000, name
+        if CHROMIUM is not None:
+            assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+    assert not (out / "indexer_L2.html").exists()  # layer 2 is HCA: no indexer
+    index = (out / "index.html").read_text()
+    assert all(f'href="{name}.html"' in index for name in names)
+    assert "wrote 19 figures" in capsys.readouterr().out
+    assert cli_main(["viz", "--model", "tiny", "--prompt", "x", "--layers", "9", "--out", str(out)]) == 1
+
+
+@needs_driver
+def test_viz_pages_render_in_chromium(tmp_path, browser):
+    out = tmp_path / "figs"
+    assert cli_main(["viz", "--model", "tiny", "--prompt", "Rome is the capital of", "--layers", "1",
+                     "--out", str(out), "--no-png"]) == 0  # fmt: skip
+    for name in ("comb_grid", "attention_L1_h0", "router_L0", "indexer_L1"):
+        shot, errors = render(browser, out / f"{name}.html")
+        assert errors == [], (name, errors)
+        assert len(shot.getcolors(1 << 20)) > 50, name

@@ -96,7 +96,11 @@ def _config_of(model: str):
     if Path(model).is_dir():
         with Checkpoint(model) as ckpt:
             cfg = ckpt.config()
-            return cfg if ckpt.has_mtp() else cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+            return (
+                cfg
+                if ckpt.has_mtp()
+                else cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+            )
     raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 
@@ -149,7 +153,9 @@ def _run(args) -> int:
     has_mtp = len(model.mtp) > 0
     out = model(tokens, mtp=True) if has_mtp else model(tokens)
     logits, mtp_logits = (out[0], out[1]) if has_mtp else (out, [])
-    print(f"{model.cfg.name}: {tokens.shape[1]} prompt tokens; last: {model.to_str_tokens(tokens[0, -1:], prepend_bos=False)}")
+    print(
+        f"{model.cfg.name}: {tokens.shape[1]} prompt tokens; last: {model.to_str_tokens(tokens[0, -1:], prepend_bos=False)}"
+    )
     _print_top(model, logits[0, -1], args.top_k, "next token (position t+1)")
     for j, extra in enumerate(mtp_logits):
         _print_top(model, extra[0, -1], args.top_k, f"MTP depth {j} (token t+{2 + j}, after the greedy draft)")
@@ -183,7 +189,10 @@ def _viz(args) -> int:
         ("mhc", "comb_grid", lambda: plot.comb_grid(model, cache)),
         ("mhc", "pre_post_weights", lambda: plot.pre_post_weights(model, cache)),
         ("mhc", "stream_norms", lambda: plot.stream_norms(model, cache)),
-        *[("mhc", f"sinkhorn_L{l}", lambda l=l: plot.sinkhorn_convergence(model, cache, l)) for l in range(cfg.n_layers)],
+        *[
+            ("mhc", f"sinkhorn_L{l}", lambda l=l: plot.sinkhorn_convergence(model, cache, l))
+            for l in range(cfg.n_layers)
+        ],
         ("attention", "sink_mass", lambda: plot.sink_mass(model, cache)),
     ]
     for l in layers:
@@ -240,7 +249,6 @@ def _print_top(model, logits, k: int, title: str) -> None:
     print(f"\n{title}:")
     for p, i in zip(top.values.tolist(), top.indices.tolist()):
         print(f"  {p:9.3g}  {i:>7d}  {model.to_string([i])!r}")
-
 
 
 def _slice(args) -> int:

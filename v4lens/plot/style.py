@@ -47,7 +47,8 @@ def figure(title: str, width: int = 900, height: int = 520, **layout) -> go.Figu
 
 
 def token_labels(model, cache=None, tokens: torch.Tensor | None = None, batch: int = 0) -> list[str]:
-    """'pos·token' for every position of one prompt (token text via the model's tokenizer).
+    """'pos·token' for every position of one prompt (token text via the model's tokenizer), with
+    control characters shown as their Unicode pictures (plotly.js refuses to draw them).
 
     tokens: [b, S] or [S]; default `cache.tokens`. Positions are absolute (a position-sliced
     cache keeps only its positions). Without a tokenizer the ids are shown.
@@ -61,8 +62,7 @@ def token_labels(model, cache=None, tokens: torch.Tensor | None = None, batch: i
         strings = model.to_str_tokens(tokens.cpu(), prepend_bos=False)
     except Exception:  # no tokenizer available: show ids
         strings = [str(int(t)) for t in tokens]
-    strings = [s.replace("\n", "⏎") for s in strings]
-    return [f"{p}·{s}" for p, s in enumerate(strings)]
+    return [f"{p}·{printable(s)}" for p, s in enumerate(strings)]
 
 
 def pick_positions(n: int, max_positions: int = MAX_POSITIONS, focus: int | None = None) -> list[int]:
@@ -137,3 +137,9 @@ def resolve_position(position: int, n: int) -> int:
     if not -n <= position < n:
         raise IndexError(f"position {position} out of range for a sequence of {n} tokens")
     return position % n
+
+
+def printable(text: str) -> str:
+    """Control characters shown as their Unicode pictures ("\\x04" -> "␄"): plotly.js refuses to
+    draw titles, axis labels and hover text that contain them (byte-level tokens can). Idempotent."""
+    return "".join(chr(0x2400 + ord(c)) if ord(c) < 0x20 else "␡" if c == "\x7f" else c for c in text)
