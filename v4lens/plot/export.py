@@ -25,7 +25,8 @@ def find_browser() -> str | None:
     import os
 
     if os.environ.get("BROWSER_PATH"):
-        return os.environ["BROWSER_PATH"]
+        path = os.environ["BROWSER_PATH"]
+        return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 

@@ -1,0 +1,925 @@
+"""Write the tutorial notebooks of this folder (outputs stripped) from the cell lists below.
+
+    python notebooks/make_notebooks.py            # rewrite 01..04, 06, 07 (05 is written by hand)
+    python notebooks/make_notebooks.py --check    # exit 1 if a committed notebook differs from this file
+
+Edit the cells here, regenerate, commit both. `tests/test_notebooks.py` executes every notebook of
+the folder with nbclient (working directory notebooks/) and checks that none carries outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+# The first code cell of every notebook. The renderer embeds plotly.js in the notebook itself
+# (no CDN, no browser): figures render offline in JupyterLab, Notebook 7 and VS Code, and the
+# headless CI run needs nothing extra.
+SETUP = """\
+import os
+import warnings
+from pathlib import Path
+
+import plotly.io as pio
+import torch
+
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice when ipywidgets is absent
+import v4lens
+from v4lens import patching, plot, stats
+
+torch.manual_seed(0)
+torch.set_grad_enabled(False)  # inference only: nothing here needs gradients
+pio.renderers.default = "plotly_mimetype+notebook"  # offline: plotly.js goes into the notebook, no CDN"""
+
+
+def md(text: str):
+    return new_markdown_cell(text.strip("\n"))
+
+
+def code(text: str):
+    return new_code_cell(text.strip("\n"))
+
+
+# ============================================================================ 01 quickstart
+NB01 = [
+    md("""
+# 01 · Quickstart: load, tokens, cache, hooks
+
+v4lens is a hookable reimplementation of DeepSeek-V4 on TransformerLens's `HookedRootModule`:
+every residual stream, mHC mixing matrix, indexer pick, expert choice and attention sink is a
+named hook point you can cache, read and **edit**.
+
+This notebook uses the `tiny` preset — the real V4 tokenizer and vocabulary (129,280 tokens), four
+layers (sliding window, CSA, HCA, CSA) and an MTP block, d_model 64, seeded random weights — so it
+runs in seconds on a laptop CPU. Every cell works unchanged with `v4lens.load("mini-3b", dtype="bf16")`
+(3.2B parameters, 6.5 GB) or a checkpoint directory. The weights are random, so *predictions* are
+meaningless; the *mechanics* (shapes, routing, mixing, edits propagating) are the real thing.
+"""),
+    code(SETUP),
+    md("""
+## Load a model
+
+`load(preset_or_directory, dtype=None, device=None, seed=0)` builds the seeded scaffold
+deterministically: the same weights on every machine, nothing downloaded.
+"""),
+    code("""
+model = v4lens.load("tiny")
+cfg = model.cfg
+print(f"{cfg.n_layers} layers:", [cfg.layer_type(l) for l in range(cfg.n_layers)])
+print("hash-routed MoE layers:", [l for l in range(cfg.n_layers) if cfg.is_hash_layer(l)])
+print(f"d_model {cfg.d_model}, {cfg.hc_mult} residual streams, {cfg.n_heads} heads, "
+      f"{cfg.n_routed_experts} routed experts (top-{cfg.n_activated_experts}), vocab {cfg.d_vocab:,}")
+print(cfg.param_counts())
+"""),
+    md("""
+## Tokens
+
+`to_tokens` prepends BOS like TransformerLens; `to_str_tokens` shows what the model sees.
+`v4lens.load_tokenizer()` also gives the V4 chat template.
+"""),
+    code("""
+prompt = "The Eiffel Tower is in the city of"
+tokens = model.to_tokens(prompt)
+print(tokens.shape)
+print(model.to_str_tokens(tokens[0]))
+
+tok = v4lens.load_tokenizer()
+tok.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False)
+"""),
+    md("""
+## Forward: logits, loss, multi-token prediction
+
+Logits are fp32 `[batch, pos, vocab]` at every position. With `mtp=True` the MTP block also runs:
+its logits at position t predict token t+2. On random weights the loss sits near ln V ≈ 11.77.
+"""),
+    code("""
+logits = model(tokens)
+loss = model(tokens, return_type="loss")
+logits, (mtp_logits,) = model(tokens, mtp=True)
+print("logits", tuple(logits.shape), logits.dtype, "| MTP logits", tuple(mtp_logits.shape))
+print(f"loss {loss.item():.3f}  (ln V = {torch.log(torch.tensor(float(cfg.d_vocab))).item():.3f})")
+print("next token:", repr(model.to_string(logits[0, -1].argmax())))
+"""),
+    md("""
+## The activation cache
+
+`run_with_cache` returns a `V4ActivationCache` (a TransformerLens `ActivationCache` that knows the
+residual is *n streams*: `[b, p, n, d]`). Index it by full hook name or by TransformerLens shorthand.
+Every hook name is listed in `shared/HOOKS.md` and in `model.hook_dict`.
+"""),
+    code("""
+logits, cache = model.run_with_cache(tokens)
+print(len(model.hook_dict), "hook points;", len(cache), "cached for this forward")
+for name in ["hook_embed", "blocks.1.hook_streams_post", "blocks.1.attn_hc.hook_comb",
+             "blocks.1.attn.indexer.hook_topk", "blocks.1.attn.hook_pattern", "blocks.1.mlp.hook_expert_ids"]:
+    t = cache[name]
+    print(f"{name:36s} {str(tuple(t.shape)):18s} {t.dtype}")
+print("cache['attn_out', 1]:", tuple(cache["attn_out", 1].shape))
+"""),
+    md("""
+Cache only what you need with `names_filter` (a list, a predicate or a single name), and keep only
+some positions with `pos_slice` — the cache slices each hook on its real position axis.
+"""),
+    code("""
+_, small = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("mlp.hook_expert_ids"), pos_slice=-1)
+for name, ids in small.items():
+    print(name, ids[0, 0].tolist())  # the experts the last token used in each layer
+"""),
+    md("""
+## Hooks: read and edit
+
+A hook function receives `(tensor, hook)`. Returning `None` only observes; returning a tensor
+**replaces** the activation and everything downstream uses the edited value. Hooks added with
+`run_with_hooks` or the `model.hooks(...)` context manager are removed afterwards.
+
+First an observation: the n × n Sinkhorn mixing of layer 1's attention half at the last token.
+"""),
+    code("""
+seen = {}
+
+def grab_comb(comb, hook):
+    seen[hook.name] = comb[0, -1]  # observe only: return None
+
+model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn_hc.hook_comb", grab_comb)])
+comb = seen["blocks.1.attn_hc.hook_comb"]
+print(comb)
+print("row sums", comb.sum(1), "column sums", comb.sum(0))  # doubly stochastic
+"""),
+    md("""
+Now an edit: send every token of the last layer to experts 0 and 1. The logits change, and a
+cache taken under the edit shows the new routing.
+"""),
+    code("""
+last = cfg.n_layers - 1
+k = cfg.n_activated_experts
+
+def same_experts(ids, hook):
+    return torch.arange(k).expand_as(ids).clone()  # a new tensor: never edit in place
+
+with model.hooks(fwd_hooks=[(f"blocks.{last}.mlp.hook_expert_ids", same_experts)]):
+    edited, edited_cache = model.run_with_cache(tokens)
+print("expert ids before:", cache[f"blocks.{last}.mlp.hook_expert_ids"][0, -3:].tolist())
+print("expert ids after: ", edited_cache[f"blocks.{last}.mlp.hook_expert_ids"][0, -3:].tolist())
+print(f"max |Δ logit| at the last position: {(edited - logits)[0, -1].abs().max():.4f}")
+assert torch.equal(model(tokens), logits)  # the hook is gone again
+"""),
+    md("""
+Edits upstream change *decisions* downstream: zero the CSA layer 1's attention output and count
+how many tokens of layers 2 and 3 now pick different experts.
+"""),
+    code("""
+def zero(x, hook):
+    return torch.zeros_like(x)
+
+with model.hooks(fwd_hooks=[("blocks.1.hook_attn_out", zero)]):
+    ablated_logits, ablated = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_expert_ids"))
+for l in range(cfg.n_layers):
+    before, after = cache[f"blocks.{l}.mlp.hook_expert_ids"], ablated[f"blocks.{l}.mlp.hook_expert_ids"]
+    changed = (before.sort(-1).values != after.sort(-1).values).any(-1).sum().item()
+    print(f"layer {l}: {changed}/{tokens.shape[1]} tokens routed differently")
+kl = torch.nn.functional.kl_div(ablated_logits[0, -1].log_softmax(-1), logits[0, -1].log_softmax(-1),
+                                log_target=True, reduction="sum")
+print(f"KL(clean || ablated) at the last position: {kl:.2e}")
+"""),
+    md("""
+Layers 0 and 1 are unchanged (they run before or at the edit: causality within the forward), later
+layers re-route. Next: `02_routing` (experts, hash routes, router patching), `03_mhc` (streams and
+Sinkhorn mixing), `04_sparse_attention` (indexer, compressed entries, sinks), `06_exporting_figures`,
+`07_mini3b_at_scale`.
+"""),
+]
+
+# ============================================================================ 02 routing
+NB02 = [
+    md("""
+# 02 · Routing: experts, hash routes, router patching
+
+Every V4 MoE layer sends each token to k of E routed experts plus one shared expert. The first
+`n_hash_layers` layers route by a fixed table (`tid2eid[token]`: the experts depend on the token
+id only); the rest use a learned router: sqrt(softplus(logits)) scores, top-k after a selection bias,
+weights normalised and scaled. The hooks expose each stage:
+
+| hook | what |
+|---|---|
+| `mlp.hook_router_logits` / `hook_router_scores` | [b,p,E] fp32 |
+| `mlp.hook_hash_ids` (hash layers) | [b,p,k] the tid2eid row; edits re-route |
+| `mlp.hook_expert_ids` / `hook_expert_weights` | [b,p,k] experts used and their weights; edits re-route / re-weight |
+
+`tiny` has 8 experts, top-2, layer 0 hash-routed.
+"""),
+    code(SETUP),
+    code("""
+model = v4lens.load("tiny")
+cfg = model.cfg
+prompt = "The quick brown fox jumps over the lazy dog and the"
+tokens = model.to_tokens(prompt)
+str_tokens = model.to_str_tokens(tokens[0])
+logits, cache = model.run_with_cache(tokens)
+print([f"L{l}:{'hash' if cfg.is_hash_layer(l) else 'learned'}" for l in range(cfg.n_layers)])
+"""),
+    md("""
+## Expert choices
+
+Which experts each token used in layer 1, with their weights (a learned layer).
+"""),
+    code("""
+import pandas as pd
+
+ids = cache["blocks.1.mlp.hook_expert_ids"][0]
+weights = cache["blocks.1.mlp.hook_expert_weights"][0]
+pd.DataFrame({"token": str_tokens, "experts": ids.tolist(),
+              "weights": [[round(w, 3) for w in row] for row in weights.tolist()]})
+"""),
+    md("""
+`plot.router_heatmap` draws token × expert routing weights with the chosen experts circled (hover
+shows the router score). On a hash layer it shows each token's `tid2eid` route instead.
+"""),
+    code("""
+plot.router_heatmap(model, cache, layer=1).show()
+"""),
+    md("""
+## Load balance
+
+`stats.load_balance` summarises every layer's load: coefficient of variation, max/mean load,
+usage entropy (normalised: 1 = perfectly even), unused experts — on counts and on weight mass.
+With 12 tokens × 2 slots over 8 experts the counts are noisy; see `07_mini3b_at_scale` for 2k tokens.
+"""),
+    code("""
+stats.load_balance(model, cache)[["layer", "layer_type", "routing", "assignments", "cv",
+                                  "max_over_mean", "entropy_norm", "frac_unused"]]
+"""),
+    code("""
+plot.expert_load(model, cache, normalize=True).show()
+"""),
+    md("""
+## Hash routes
+
+On a hash layer the router still computes scores (they set the weights), but the *choice* is
+`tid2eid[token]`. `stats.hash_vs_learned` asks: would the layer's own router have picked the
+same experts? On random weights, agreement is at chance level.
+"""),
+    code("""
+hash_layer = 0
+tid2eid = model.blocks[hash_layer].mlp.gate.tid2eid
+fox, cat = model.to_single_token(" fox"), model.to_single_token(" cat")
+print("tid2eid[' fox'] =", tid2eid[fox].tolist(), "  tid2eid[' cat'] =", tid2eid[cat].tolist())
+stats.hash_vs_learned(model, cache)
+"""),
+    md("""
+`patching.override_hash_routes` re-routes chosen token ids on hash layers for every forward inside
+the context — the `tid2eid` buffer is never written. Swap the routes of " fox" and " cat": the fox
+token now uses the cat's experts, and the logits move.
+"""),
+    code("""
+fox_pos = str_tokens.index(" fox")
+with patching.override_hash_routes(model, swap=(fox, cat)):
+    swapped_logits, swapped = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_expert_ids"))
+print("layer 0 experts of ' fox' before:", cache["blocks.0.mlp.hook_expert_ids"][0, fox_pos].tolist(),
+      " after:", swapped["blocks.0.mlp.hook_expert_ids"][0, fox_pos].tolist())
+print(f"max |Δ logit| at the last position: {(swapped_logits - logits)[0, -1].abs().max():.4f}")
+assert torch.equal(model(tokens), logits)  # outside the context nothing changed
+"""),
+    md("""
+Explicit routes work too: `override_hash_routes(model, routes={token_id: [e0, e1]})`.
+
+## Router patching
+
+Activation patching asks which pieces of a clean run restore a metric on a corrupted run. Clean
+"... brown fox ..." vs corrupted "... brown cat ...": the metric is the logit difference between
+the clean run's top token and the corrupted run's top token at the last position.
+
+`patching.get_act_patch_routing` gives one position of one layer the clean run's *routing*
+(`hook_expert_ids` and `hook_expert_weights`) while the experts compute on the corrupted input →
+a `[layer, pos]` map of how much the routing decision alone carries.
+"""),
+    code("""
+clean_tokens = tokens
+corrupted_tokens = model.to_tokens(prompt.replace("fox", "cat"))
+assert corrupted_tokens.shape == clean_tokens.shape
+corrupted_logits = model(corrupted_tokens)
+answer, distractor = int(logits[0, -1].argmax()), int(corrupted_logits[0, -1].argmax())
+
+def metric(lg):
+    return lg[:, -1, answer].mean() - lg[:, -1, distractor].mean()
+
+print(f"clean {metric(logits):.4f}   corrupted {metric(corrupted_logits):.4f}")
+routing_effect = patching.get_act_patch_routing(model, corrupted_tokens, cache, metric)
+print(tuple(routing_effect.shape))
+"""),
+    code("""
+plot.patching_heatmap(routing_effect, model, corrupted_tokens, title="Patching clean routing (ids + weights)").show()
+"""),
+    md("""
+Positions before the corrupted token route identically in both runs, so patching them is a no-op
+(the corrupted metric exactly). The effect is confined to positions where the routing actually
+differs — check:
+"""),
+    code("""
+for l in range(cfg.n_layers):
+    name = f"blocks.{l}.mlp.hook_expert_ids"
+    _, corrupted_cache = model.run_with_cache(corrupted_tokens, names_filter=name)
+    differs = (cache[name][0].sort(-1).values != corrupted_cache[name][0].sort(-1).values).any(-1)
+    print(f"layer {l}: routing differs at positions {differs.nonzero().flatten().tolist()}")
+"""),
+    md("""
+`what="ids"` patches only the expert choice (weights recomputed from the corrupted scores);
+`what="weights"` only the weights. For the expert *outputs* with routing fixed, use
+`get_act_patch_expert_out` (needs `use_expert_out=True`).
+"""),
+]
+
+# ============================================================================ 03 mHC
+NB03 = [
+    md("""
+# 03 · mHC: the residual is four streams
+
+V4 replaces the residual stream with **manifold-constrained hyper-connections** (mHC): the hidden
+state is n = `hc_mult` streams `[b, p, n, d]`. Around every sub-layer (attention, then MoE) an mHC
+
+1. collapses the streams into the sub-layer input with weights `pre` ([n], sigmoid),
+2. writes the sub-layer output back into each stream with weights `post` ([n], 2·sigmoid),
+3. mixes the streams with `comb` ([n, n]), a Sinkhorn-Knopp projection of a softmax — (nearly)
+   doubly stochastic, so mixing neither creates nor destroys mass.
+
+All three depend on the token (they are computed from the streams), and all are hooks:
+`blocks.{l}.attn_hc.hook_pre/post/comb` and `mlp_hc.*`. `comb[j, k]` is the weight of input stream
+j in output stream k.
+"""),
+    code(SETUP),
+    code("""
+model = v4lens.load("tiny")
+cfg = model.cfg
+tokens = model.to_tokens("The quick brown fox jumps over the lazy dog and the")
+logits, cache = model.run_with_cache(tokens)
+streams = cache["blocks.1.hook_streams_post"]
+print("streams after block 1:", tuple(streams.shape), "(b, p, n, d)")
+print("per-stream norm at the last token:", streams[0, -1].norm(dim=-1))
+"""),
+    md("""
+## Streams through depth
+
+`cache.accumulated_streams()` stacks the streams at every block boundary (embed, 0_post, ...);
+`plot.stream_norms` draws each stream's norm through depth. At the embedding all four streams are
+copies of the token embedding; they diverge as sub-layers write with different `post` weights.
+"""),
+    code("""
+acc, labels = cache.accumulated_streams(return_labels=True)
+print(labels, tuple(acc.shape))
+plot.stream_norms(model, cache).show()
+"""),
+    md("""
+## Sinkhorn mixing matrices
+
+`hook_comb` is fp32 `[b, p, n, n]`. Rows and columns each sum to 1 (up to the Sinkhorn iteration's
+tolerance).
+"""),
+    code("""
+comb = cache["blocks.2.mlp_hc.hook_comb"][0, -1]
+print(comb)
+print("row sums   ", comb.sum(-1))
+print("column sums", comb.sum(-2))
+"""),
+    md("""
+`stats.sinkhorn_summary` measures every mixing matrix of the run: row/column entropy (max ln n =
+1.386: uniform mixing), distance to the identity and to the nearest permutation (0: the streams
+are just relabelled), the share of tokens whose nearest permutation is the identity, and the
+Sinkhorn errors after the first and last iteration (replayed from `hook_mixes`). Near-uniform
+mixing is what random initialisation gives; a trained model's combs are the thing to compare.
+"""),
+    code("""
+stats.sinkhorn_summary(model, cache)
+"""),
+    md("""
+`plot.comb_grid` shows every layer's comb for one token (top: attention half, bottom: MoE half),
+with a slider over positions; `plot.pre_post_weights` the collapse/expand weights;
+`plot.sinkhorn_convergence` the row/column errors per Sinkhorn iteration.
+"""),
+    code("""
+plot.comb_grid(model, cache, position=-1).show()
+"""),
+    code("""
+plot.pre_post_weights(model, cache, position=-1).show()
+plot.sinkhorn_convergence(model, cache, layer=1).show()
+"""),
+    md("""
+## Editing the mixing
+
+`patching.comb_hooks` forces comb to the identity (each stream keeps itself) or uniform (every
+stream becomes the mean); `get_act_patch_hc_comb_fixed` sweeps that over layers → `[layer]`.
+Here the metric is the logit difference between the model's top two tokens at the last position.
+"""),
+    code("""
+top2 = logits[0, -1].topk(2).indices.tolist()
+
+def metric(lg):
+    return lg[:, -1, top2[0]].mean() - lg[:, -1, top2[1]].mean()
+
+print(f"unedited: {metric(logits):.4f}")
+identity = model.run_with_hooks(tokens, fwd_hooks=patching.comb_hooks(model, [0, 1, 2, 3], "identity"))
+print(f"every comb = identity: {metric(identity):.4f}")
+print("per layer, identity:", patching.get_act_patch_hc_comb_fixed(model, tokens, None, metric, value="identity"))
+print("per layer, uniform: ", patching.get_act_patch_hc_comb_fixed(model, tokens, None, metric, value="uniform"))
+"""),
+    md("""
+## Exact logit attribution through mHC: `decompose`
+
+With the mixing weights (every later `post` and `comb`, hc_head's `pre`) and the final norm's
+1/rms frozen at this run's values, the final state is a *linear* combination of the embedding and
+every sub-layer write, one scalar coefficient per write: α = preᵀ · comb_S ⋯ comb_{s+1} · post_s.
+`decompose` splits a logit (difference) into those parts — per head and per routed expert slot
+if asked — and the parts sum to the model's value.
+"""),
+    code("""
+dec = v4lens.decompose(model, tokens=tokens, target=(top2[0], top2[1]), heads=True, experts=True)
+print("sum of parts", dec.values.sum(0).item(), " model", dec.total.item(), " metric", metric(logits).item())
+dec.top(8)
+"""),
+    code("""
+plot.attribution_bars(dec, top=15).show()
+"""),
+    md("""
+`stream_lineage` gives the same propagation as vectors: how much of each write reaches each final
+stream (before hc_head collapses them), and `alpha` the resulting weight in the collapsed state.
+"""),
+    code("""
+import pandas as pd
+
+lineage, labels, alpha = v4lens.stream_lineage(model, cache, positions=[-1])
+print(tuple(lineage.shape), "(writes, b, positions, streams)")
+pd.DataFrame(lineage[:, 0, 0].numpy(), index=labels, columns=[f"stream {k}" for k in range(cfg.hc_mult)]
+             ).assign(alpha=alpha[:, 0, 0].numpy()).round(3)
+"""),
+    md("""
+The embedding starts as 1 in every stream; a sub-layer's write enters with its `post` weights
+(2·sigmoid, ≈ 1 at random init) and is then spread by every later comb. Random-init combs are
+near-uniform, so early writes reach all four streams almost equally; only the last sub-layers, with
+few combs after them, keep their own `post` profile. `alpha` (= hc_head's `pre` · lineage) is the
+coefficient `decompose` multiplies each write's logit contribution by; in a trained model, writes
+that land in streams hc_head ignores are invisible to the logits.
+"""),
+]
+
+# ============================================================================ 04 sparse attention
+NB04 = [
+    md("""
+# 04 · Sparse attention: indexer picks, compressed entries, sinks
+
+V4's attention layers come in three kinds, each a hook-visible mechanism:
+
+- **sliding**: a window of W recent tokens (itself included);
+- **CSA** (compressed sparse attention, ratio 4): the window plus the top-k compressed entries
+  chosen by the **Lightning Indexer** (each entry pools 2×4 overlapping tokens);
+- **HCA** (heavily compressed attention, ratio m): the window plus *every* visible compressed entry
+  (each pools m tokens).
+
+Every head also has a learned **sink** logit in its softmax denominator: mass the head can park
+nowhere. `tiny` has W = 8, CSA layers 1 and 3 (index top-3), an HCA layer 2 (ratio 6). A query at
+position t sees compressed entry w once it is complete: w < (t+1) // ratio.
+"""),
+    code(SETUP),
+    code("""
+model = v4lens.load("tiny")
+cfg = model.cfg
+prompt = ("In the old library by the river, the archivist kept a ledger of every visitor, every "
+          "borrowed book and every late return, and each evening she read the day's names aloud.")
+tokens = model.to_tokens(prompt)
+S = tokens.shape[1]
+logits, cache = model.run_with_cache(tokens)
+print(S, "tokens;", [cfg.layer_type(l) for l in range(cfg.n_layers)], "; index top-k", cfg.index_topk)
+"""),
+    md("""
+## What each query attends: `hook_key_index`
+
+`attn.hook_key_index` `[b, p, K]` names every candidate column: `0..S-1` a raw token (the
+window), `S + w` compressed entry w, `-1` an empty slot. For the last query of CSA layer 1 the
+first W columns are the window, then the indexer's picks.
+"""),
+    code("""
+def describe(idx):
+    return "empty" if idx < 0 else f"token {idx}" if idx < S else f"entry {idx - S}"
+
+print([describe(i) for i in cache["blocks.1.attn.hook_key_index"][0, -1].tolist()])
+print("indexer picks (last 4 queries):", cache["blocks.1.attn.indexer.hook_topk"][0, -4:].tolist())
+print("visible entries at the last query:", S // 4)
+"""),
+    md("""
+## Indexer picks vs full attention
+
+The indexer chooses entries with its own cheap scorer (`indexer.hook_scores`); the attention head
+then attends only to those. How much would *dense* attention over all visible compressed entries
+have put on the chosen ones? `stats.indexer_recall` computes exactly that per query (softmax of
+q·kv/√c over every visible entry, per head, mass on the picks; window and sink left out): 1 when
+the picks cover every visible entry; a random choice gets about k / visible.
+"""),
+    code("""
+recall = stats.indexer_recall(model, cache, layer=1)  # [b, p], mean over heads
+visible = (torch.arange(S) + 1) // 4
+chance = (cfg.index_topk / visible.clamp(min=1)).clamp(max=1)
+for t in range(6, S, 6):
+    print(f"query {t:2d}: {int(visible[t]):2d} visible entries, recall {recall[0, t]:.3f}  (random picks ≈ {chance[t]:.3f})")
+stats.indexer_recall_summary(model, cache)
+"""),
+    md("""
+On random weights the indexer does about as well as chance (`recall_selective` is the mean over the
+queries where it actually drops entries); the gap above chance is what a trained indexer buys.
+"""),
+    md("""
+The same comparison by hand, as sets: the top-k entries of dense attention (head-averaged) vs the
+indexer's picks at the last query.
+"""),
+    code("""
+q = cache["blocks.1.attn.hook_q"][0, -1].float()              # [h, c] (after RoPE)
+kv = cache["blocks.1.attn.compressor.hook_kv"][0].float()     # [T, c]
+T_visible = S // 4
+dense = ((q @ kv[:T_visible].T) / q.shape[-1] ** 0.5).softmax(-1).mean(0)   # [T_visible]
+dense_top = set(dense.topk(cfg.index_topk).indices.tolist())
+picks = set(cache["blocks.1.attn.indexer.hook_topk"][0, -1].tolist()) - {-1}
+print("dense attention's top-k:", sorted(dense_top), " indexer's picks:", sorted(picks),
+      " overlap:", len(dense_top & picks))
+"""),
+    md("""
+`plot.indexer_scores` shows the indexer's query × entry scores with its picks circled; entries are
+labelled by the tokens they pool.
+"""),
+    code("""
+plot.indexer_scores(model, cache, layer=1).show()
+"""),
+    md("""
+## Forcing picks
+
+`patching.force_indexer_picks(model, layers, include=[w], exclude=[v], queries=[t])` edits the
+indexer's top-k in every forward inside the context: an excluded pick becomes an empty slot, an
+included entry replaces the lowest-scoring pick (entries a query cannot see yet are never forced).
+Here: drop the last query's top pick, then force in an entry it did not choose.
+"""),
+    code("""
+last = S - 1
+picks_last = cache["blocks.1.attn.indexer.hook_topk"][0, last].tolist()
+not_picked = [w for w in range(S // 4) if w not in picks_last]
+print("picks:", picks_last, " not picked:", not_picked)
+
+for label, kwargs in [("exclude", {"exclude": [picks_last[0]]}), ("include", {"include": [not_picked[0]]})]:
+    with patching.force_indexer_picks(model, 1, queries=[last], **kwargs):
+        edited, c = model.run_with_cache(tokens, names_filter="blocks.1.attn.indexer.hook_topk")
+    print(f"{label}: picks now {c['blocks.1.attn.indexer.hook_topk'][0, last].tolist()}, "
+          f"max |Δ logit| {(edited - logits)[0, last].abs().max():.4f}")
+"""),
+    md("""
+`patching.get_act_patch_indexer_topk` sweeps the same idea as activation patching: give one query
+the clean run's picks (`[layer, pos]`, NaN on layers without an indexer).
+
+## Compressed entries (HCA)
+
+`compressor.hook_weights` `[b, T, slots, c]` holds each entry's softmax pooling weights over its
+source tokens. `plot.compressed_entries` shows them (mean over channels) with the source tokens
+printed in the cells. On HCA layer 2 every visible entry is attended, no indexer involved:
+"""),
+    code("""
+print("HCA entries:", tuple(cache["blocks.2.attn.compressor.hook_kv"].shape), "(b, T, c)")
+candidates = cache["blocks.2.attn.hook_key_index"][0, -1].tolist()
+print("last query's candidates on layer 2:", [describe(i) for i in candidates])
+plot.compressed_entries(model, cache, layer=2).show()
+"""),
+    md("""
+## Sinks
+
+`attn.hook_pattern` rows sum to 1 − sink; `attn.hook_sink` is the mass the sink absorbed
+(observational — edit `hook_sink_logit` to change it). `plot.attention_pattern` shows one head's
+window, compressed candidates and sink column (rows sum to 1); `plot.sink_mass` the mean sink
+probability per layer × head.
+"""),
+    code("""
+pattern, sink = cache["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_sink"]
+print("max |pattern.sum + sink - 1|:", (pattern.sum(-1) + sink - 1).abs().max().item())
+plot.attention_pattern(model, cache, layer=1, head=0, max_positions=16).show()
+"""),
+    code("""
+print(stats.sink_mass(model, cache))  # [L, H]
+plot.sink_mass(model, cache).show()
+"""),
+    md("""
+Ablating a sink (logit → −∞) makes the head spend all its mass on real candidates.
+`patching.sink_hooks` does it for chosen heads; `get_act_patch_sink` sweeps every (layer, head).
+"""),
+    code("""
+ablated = model.run_with_hooks(tokens, fwd_hooks=patching.sink_hooks(model, 1, heads=[0]))
+print(f"ablate layer 1 head 0's sink: max |Δ logit| {(ablated - logits)[0, -1].abs().max():.4f}")
+top2 = logits[0, -1].topk(2).indices.tolist()
+
+def metric(lg):
+    return lg[:, -1, top2[0]].mean() - lg[:, -1, top2[1]].mean()
+
+patching.get_act_patch_sink(model, tokens, None, metric)  # [layer, head]: the metric with that sink ablated
+"""),
+]
+
+# ============================================================================ 06 exporting figures
+NB06 = [
+    md("""
+# 06 · Exporting figures
+
+`v4lens.plot.save(fig, path)` picks the format from the suffix:
+
+- **.html**: a self-contained page with plotly.js embedded — works offline, always available;
+- **.png / .svg / .pdf / .jpg / .webp**: through kaleido with the *system's* Chromium (on PATH or
+  `$BROWSER_PATH`; Debian: `apt-get install chromium`). kaleido never downloads a browser here.
+
+Without a browser `save` writes the HTML next to the requested file and raises `plot.ExportError`
+saying what to install. `plot.export_session()` keeps one Chromium running for many images
+(≈ 0.25 s each instead of seconds).
+"""),
+    code(SETUP),
+    code("""
+OUT = Path(os.environ.get("V4LENS_NOTEBOOK_OUT", "figures"))  # the tests point this at a temporary folder
+OUT.mkdir(parents=True, exist_ok=True)
+model = v4lens.load("tiny")
+tokens = model.to_tokens("The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the")
+logits, cache = model.run_with_cache(tokens)
+figures = {
+    "router_layer1": plot.router_heatmap(model, cache, layer=1),
+    "comb_grid": plot.comb_grid(model, cache),
+    "attention_l1_h0": plot.attention_pattern(model, cache, layer=1, head=0, max_positions=12),
+    "logit_lens": plot.logit_lens_table(cache),
+}
+print("browser for image export:", plot.find_browser())
+"""),
+    md("""
+## HTML: always works
+"""),
+    code("""
+for name, fig in figures.items():
+    path = plot.save(fig, OUT / f"{name}.html")
+    print(f"{path}  {path.stat().st_size / 1e6:.1f} MB")
+"""),
+    md("""
+## Images: one browser session, and a fallback
+
+Write PNGs (and one SVG) in one `export_session`. Catch `ExportError` so a machine without
+Chromium still gets its HTML files and a clear message instead of a traceback.
+"""),
+    code("""
+written, failed = [], []
+with plot.export_session():
+    for name, fig in figures.items():
+        try:
+            written.append(plot.save(fig, OUT / f"{name}.png", width=900, height=500, scale=2))
+        except plot.ExportError as e:
+            failed.append(name)
+            print(f"{name}: {e}")
+    try:
+        written.append(plot.save(figures["router_layer1"], OUT / "router_layer1.svg"))
+    except plot.ExportError as e:
+        print(e)
+print("images written:", [p.name for p in written], "| HTML only:", failed)
+"""),
+    code("""
+from IPython.display import Image, display
+
+pngs = [p for p in written if p.suffix == ".png"]
+if pngs:
+    display(Image(filename=str(pngs[0]), width=600))
+else:
+    print("no PNG on this machine (no Chromium): open the HTML files instead")
+"""),
+    md("""
+## What a machine without Chromium sees
+
+Simulated here by hiding the browser from `save`: the HTML lands next to the requested PNG, and the
+error says what to install.
+"""),
+    code("""
+from unittest import mock
+
+with mock.patch("v4lens.plot.export.find_browser", return_value=None):
+    try:
+        plot.save(figures["comb_grid"], OUT / "no_browser" / "comb_grid.png")
+    except plot.ExportError as e:
+        print("ExportError:", e)
+print(sorted(p.name for p in (OUT / "no_browser").iterdir()))
+"""),
+    md("""
+From the command line, `v4lens viz --model tiny --prompt "..." --out figs/` writes a standard set
+of figures as HTML + PNG with an index page, and carries on with HTML only when there is no
+browser; `examples/export_figures.py` is the scripted version of this notebook.
+"""),
+]
+
+# ============================================================================ 07 mini-3b
+NB07 = [
+    md("""
+# 07 · mini-3b at scale
+
+`mini-3b` is the V4 architecture at a size a workstation CPU handles: 28 layers (2 sliding, then
+alternating CSA / HCA with ratio 112), 24 routed experts (top-4, the first two layers hash-routed),
+4 streams, d_model 1536 — 3.17B parameters, 1.08B active per token. Its weights are a seeded random
+scaffold (or cut out of a V4-Flash checkpoint with `v4lens.slice_checkpoint`).
+
+This notebook: what the weights cost in memory, a 2,048-token forward with a cache that keeps only
+what we read, and what *random* weights look like to the usual tools — flat logits, near-uniform
+routing, a logit lens with nothing to find. Those are the baselines a trained checkpoint must beat.
+Runs in about a minute on a 2-core CPU (up to ~2.5 minutes when the cores are shared), ~9.5 GB of RAM at peak.
+"""),
+    code(SETUP),
+    code("""
+import time
+
+import pandas as pd
+
+
+def rss_gb():
+    \"\"\"This process's resident memory (Linux; NaN elsewhere).\"\"\"
+    try:
+        return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1e6
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+before = rss_gb()
+t0 = time.perf_counter()
+model = v4lens.load("mini-3b", dtype="bf16")
+cfg = model.cfg
+print(f"built in {time.perf_counter() - t0:.1f} s; resident memory +{rss_gb() - before:.2f} GB")
+print(cfg.param_counts())
+"""),
+    md("""
+## Memory of the weights
+
+Matrices are bf16; the reference's fp32 islands (norm weights, mHC parameters, sinks, compressor
+projections and position biases, router biases) stay fp32 — under 2% of the bytes. Routed experts
+dominate: 24 per layer, of which each token uses 4.
+"""),
+    code("""
+def component(name):
+    if name.startswith("mtp."):
+        return "MTP block"
+    if name in ("embed.weight", "head.weight"):
+        return "embedding + unembedding"
+    for key, label in [(".mlp.experts.", "routed experts"), (".mlp.shared_experts.", "shared experts"),
+                       (".mlp.gate.", "routers"), (".attn.indexer.", "Lightning Indexers"),
+                       (".attn.compressor.", "KV compressors"), (".attn.", "attention"), ("hc", "mHC")]:
+        if key in name:
+            return label
+    return "norms"
+
+
+rows = [(component(n), p.dtype, p.numel(), p.numel() * p.element_size()) for n, p in model.named_parameters()]
+rows += [("buffers (tid2eid, ...)", b.dtype, b.numel(), b.numel() * b.element_size()) for _, b in model.named_buffers()]
+weights = pd.DataFrame(rows, columns=["component", "dtype", "params", "bytes"])
+table = weights.groupby("component")[["params", "bytes"]].sum().sort_values("bytes", ascending=False)
+table["GB"] = (table.pop("bytes") / 1e9).round(3)
+print(weights.groupby(weights.dtype.astype(str))["bytes"].sum().div(1e9).round(3).to_dict(), "GB by dtype")
+table
+"""),
+    md("""
+## A 2,048-token forward with a small cache
+
+A full cache of every hook at 2k tokens is several GB. Cache only what the analysis reads
+(`names_filter`) and only the positions it reads (`pos_slice`: the last 16 here; the stream tensors
+are sliced on their position axis, compressed-entry tensors stay whole). Routing statistics want
+*every* token, so a plain hook collects the expert choices in the same forward. And skip the logits:
+`[1, 2048, 129280]` fp32 would be 1.06 GB and ~20% of the forward's time (`return_type=None` stops
+after the last block); the logit lens below recomputes them exactly at the positions we read.
+"""),
+    code("""
+import inspect
+
+# 2,048 tokens of varied text that every machine has: v4lens's own source (docstrings and code)
+text = "\\n".join(inspect.getsource(m) for m in (v4lens.model, v4lens.stats, v4lens.patching, v4lens.lens))
+tokens = model.to_tokens(text)[:, :2048]
+assert tokens.shape[1] == 2048
+print("tokens:", tuple(tokens.shape), repr(model.to_string(tokens[0, 1:40])))
+
+routing = {}
+
+def keep_routing(x, hook):
+    routing[hook.name] = x  # observe every position: [b, p, k]
+
+routing_hooks = [(f"blocks.{l}.mlp.{h}", keep_routing) for l in range(cfg.n_layers)
+                 for h in ("hook_expert_ids", "hook_expert_weights")]
+
+def lens_hooks(name):
+    return name.endswith("hook_streams_post") or name.startswith(("hc_head.", "ln_final.")) or name == "hook_embed"
+
+t0 = time.perf_counter()
+with model.hooks(fwd_hooks=routing_hooks):
+    _, cache = model.run_with_cache(tokens, names_filter=lens_hooks, pos_slice=slice(-16, None), return_type=None)
+elapsed = time.perf_counter() - t0
+cache_gb = sum(t.numel() * t.element_size() for t in cache.values()) / 1e9
+print(f"forward + cache: {elapsed:.1f} s ({tokens.shape[1] / elapsed:.0f} tok/s); resident memory {rss_gb():.1f} GB")
+print(f"cache: {len(cache)} tensors, {cache_gb * 1e3:.0f} MB; "
+      f"streams {tuple(cache['blocks.27.hook_streams_post'].shape)} (b, last 16 positions, n, d)")
+"""),
+    md("""
+## Random weights: flat logits
+
+`cache.logit_lens()` reads every block boundary (embed, 0_post, …, 27_post) through hc_head → final
+norm → unembedding; its last boundary *is* the model's output, so with `keep_logits=True` it also gives
+the logits at the 16 cached positions (29 × 16 × 129,280 fp32 ≈ 0.24 GB).
+
+With normal(0, 0.02) matrices the logits barely move away from uniform: the entropy of the next-token
+distribution sits just below ln V, the top probability is a few dozen times 1/V (still ≈ 0.02%), and
+the loss is slightly *above* ln V (random logits with spread σ cost about σ²/2 nats over uniform).
+"""),
+    code("""
+lens = cache.logit_lens(k=5, per_stream=False, keep_logits=True)
+log_probs = lens.logits[-1, 0].log_softmax(-1)  # [16, V]: the model's output at the cached positions
+entropy = -(log_probs.exp() * log_probs).sum(-1)
+ln_v = torch.log(torch.tensor(float(cfg.d_vocab)))
+loss = -lens.target_logprobs[-1, 0, :-1].mean()  # the last position has no next token
+print(f"entropy {entropy.mean():.3f} nats (ln V = {ln_v:.3f}); max prob {log_probs.exp().max(-1).values.mean():.2e} "
+      f"(1/V = {1 / cfg.d_vocab:.2e}); loss {loss:.3f}; logit std {lens.logits[-1].std():.3f}")
+"""),
+    md("""
+## Random weights: near-uniform routing
+
+Over 2,048 tokens each layer sends 8,192 assignments to 24 experts. `stats.load_balance` reads a
+cache; build one from the collected routing tensors. Normalised usage entropy near 1 and no unused
+experts: random routers spread tokens almost evenly (the hash layers' tid2eid table is random too).
+A trained model's specialised, skewed routing shows up as a drop in `entropy_norm`.
+"""),
+    code("""
+routing_cache = v4lens.V4ActivationCache(routing, model, tokens=tokens)
+balance = stats.load_balance(model, routing_cache)
+print(balance[["cv", "entropy_norm", "frac_unused"]].describe().loc[["mean", "min", "max"]].round(3))
+balance[["layer", "layer_type", "routing", "cv", "max_over_mean", "entropy_norm", "frac_unused"]].head(6)
+"""),
+    code("""
+plot.expert_load(model, routing_cache, normalize=True).show()
+"""),
+    md("""
+## Random weights: the logit lens
+
+Through depth, the probability of the actual next token stays at ≈ 1/V at every boundary and the
+top tokens are arbitrary — there is nothing for the lens to find. On a trained model this is where
+the answer appears layer by layer.
+"""),
+    code("""
+p_next = lens.target_probs[:, 0, -2]  # position -2: its next token is in the prompt (-1 has none)
+print(f"P(next token) across {len(lens.labels)} boundaries: min {p_next.min():.1e}, max {p_next.max():.1e} "
+      f"(1/V = {1 / cfg.d_vocab:.1e})")
+lens.table(batch=0, position=-2).tail(6)
+"""),
+    code("""
+plot.logit_lens_table(lens, model, position=-2).show()  # model= decodes the target token
+"""),
+    md("""
+The same code on a real checkpoint (`v4lens.load("path/to/mini-3b-from-flash", dtype="bf16")`)
+gives peaked logits, skewed routing and a lens that converges — comparing against these numbers
+tells you how much of a pattern is the architecture and how much is learning.
+"""),
+]
+
+NOTEBOOKS = {
+    "01_quickstart": NB01,
+    "02_routing": NB02,
+    "03_mhc": NB03,
+    "04_sparse_attention": NB04,
+    "06_exporting_figures": NB06,
+    "07_mini3b_at_scale": NB07,
+}
+
+
+def build(name: str):
+    nb = new_notebook(cells=NOTEBOOKS[name])
+    for i, cell in enumerate(nb.cells):
+        cell["id"] = f"{name[:2]}-{i:02d}"  # stable ids: regenerating gives identical files
+    nb.metadata = {
+        "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
+        "language_info": {"name": "python"},
+    }
+    nbformat.validate(nb)
+    return nb
+
+
+def render(name: str) -> str:
+    return nbformat.writes(build(name)) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 if a notebook is out of date")
+    args = ap.parse_args(argv)
+    stale = []
+    for name in NOTEBOOKS:
+        path = HERE / f"{name}.ipynb"
+        text = render(name)
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text, encoding="utf-8")
+            print("wrote", path)
+    if stale:
+        print("out of date (run python notebooks/make_notebooks.py):", ", ".join(stale))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

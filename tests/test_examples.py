@@ -1,0 +1,75 @@
+"""The example scripts: each answers --help, and runs on the tiny model with small inputs.
+
+Every `examples/*.py` runs as a subprocess (`--model tiny`, working directory a temporary folder)
+and must exit 0 and write the files it promises. A new example needs an entry in CASES. The whole
+module takes ≈ 40–60 s on a busy 2-core machine (each run pays ~3 s of `import torch`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = sorted(p.stem for p in EXAMPLES_DIR.glob("*.py") if not p.name.startswith("_"))
+TIMEOUT_S = 300
+SHORT = "The quick brown fox jumps over the lazy dog"
+
+# name -> (arguments after --model tiny, files it must write (relative to the working directory), text in stdout)
+CASES: dict[str, tuple[list[str], list[str], list[str]]] = {
+    "quickstart": (["--dtype", "fp32"], [], ["prediction:", "re-routing layer 3"]),
+    "router_heatmap": (["--layer", "0", "--prompt", SHORT, "--out", "router.html"], ["router.html"],
+                       ["hash (tid2eid) routing", "load balance"]),
+    "sinkhorn": (["--prompt", SHORT, "--layers", "0,1", "--out", "comb.html", "--convergence", "conv.html"],
+                 ["comb.html", "conv.html"], ["mixing matrices", "row sums"]),
+    "indexer_picks": (["--layer", "1", "--exclude", "0", "--include", "5", "--out", "picks.html"], ["picks.html"],
+                      ["recall vs dense attention", "forced picks at the last query"]),
+    "patch_streams": (["--atp", "--top", "3", "--out", "patch.html", "--save", "patch.pt"],
+                      ["patch.html", "patch.pt"], ["sweep: (4, 12)", "attribution patching: Pearson"]),
+    "logit_lens": (["--prompt", SHORT, "--per-stream", "--csv", "lens.csv", "--out", "lens.html"],
+                   ["lens.html", "lens.csv"], ["3_post", "stream 3"]),
+    "export_figures": (["--prompt", SHORT, "--formats", "html,png", "--out-dir", "figs"],
+                       ["figs/index.html", "figs/router_heatmap.html", "figs/comb_grid.html",
+                        "figs/attention_pattern.html", "figs/logit_lens.html"], ["9 figures"]),
+}  # fmt: skip
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    # tiny models are per-op overhead: one intra-op thread is faster on a busy machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+
+
+def test_every_example_has_a_case():
+    assert set(EXAMPLES) == set(CASES), "add the new example to CASES in tests/test_examples.py"
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_help(name, tmp_path):
+    proc = _run([str(EXAMPLES_DIR / f"{name}.py"), "--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout and "--model" in proc.stdout
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_runs_on_tiny(name, tmp_path):
+    args, files, texts = CASES[name]
+    proc = _run([str(EXAMPLES_DIR / f"{name}.py"), "--model", "tiny", *args], tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    for f in files:
+        assert (tmp_path / f).is_file() and (tmp_path / f).stat().st_size > 0, f"{name} did not write {f}"
+    for text in texts:
+        assert text in proc.stdout, f"{name}: {text!r} not in its output:\n{proc.stdout}"
+    if name == "export_figures":  # PNGs where a Chromium exists, a clear message where none does
+        from v4lens.plot import find_browser
+
+        if find_browser():
+            assert (tmp_path / "figs" / "comb_grid.png").stat().st_size > 0
+        else:
+            assert "images skipped" in proc.stdout
