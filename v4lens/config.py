@@ -490,6 +490,24 @@ def _tiny(**kw) -> V4Config:
     return V4Config(**base)
 
 
+def _tiny_recall(**kw) -> V4Config:
+    """The model `v4lens.load("tiny-recall")` ships trained (v4lens/train.py, v4lens/checkpoints/tiny-recall).
+
+    128-token synthetic vocabulary (layout in v4lens.train); layer 0 sliding (window 8) with a
+    hash-routed MoE, layer 1 CSA (ratio 4, Lightning Indexer picking the top 2 entries), layer 2
+    HCA (ratio 8); 4 routed experts (top-2) + 1 shared; mHC with 4 streams; no MTP block.
+    """
+    base = dict(
+        name="tiny-recall", d_vocab=128, d_model=64, n_layers=3, n_heads=4, head_dim=32, rope_head_dim=8,
+        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 8),
+        index_n_heads=2, index_head_dim=16, index_topk=2, n_routed_experts=4, n_activated_experts=2,
+        moe_inter_dim=64, n_hash_layers=1, n_mtp_layers=0, hc_mult=4, max_position_embeddings=4096,
+        original_seq_len=0,  # no YaRN: sequences are short
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
 def _mini_3b(**kw) -> V4Config:
     """SPEC decision 7: the seed's small-scale replica of V4-Flash."""
     base = dict(
@@ -511,11 +529,11 @@ def _flash(**kw) -> V4Config:
     return V4Config(**base)
 
 
-PRESETS = {"tiny": _tiny, "mini-3b": _mini_3b, "flash": _flash}
+PRESETS = {"tiny": _tiny, "tiny-recall": _tiny_recall, "mini-3b": _mini_3b, "flash": _flash}
 
 
 def preset(name: str, **overrides) -> V4Config:
-    """A preset config by name (`tiny`, `mini-3b`, `flash`), with field overrides."""
+    """A preset config by name (`tiny`, `tiny-recall`, `mini-3b`, `flash`), with field overrides."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name](**overrides)

@@ -23,18 +23,36 @@ from .quant import dequantize
 from .safetensors_io import DTYPES, read_header, read_into
 
 
+# ---------------------------------------------------------------------- shipped checkpoints
+# Trained checkpoints inside the package (package data), checked before the random-init presets.
+# tiny-recall: trained by `python -m v4lens.train` (see checkpoints/tiny-recall/README.md).
+SHIPPED_DIR = Path(__file__).parent / "checkpoints"
+SHIPPED = {"tiny-recall": SHIPPED_DIR / "tiny-recall"}
+
+
+def shipped_checkpoint(name: str) -> Path | None:
+    """The directory of a checkpoint shipped with v4lens under `name`, or None."""
+    path = SHIPPED.get(str(name))
+    return path if path is not None and (path / "config.json").is_file() else None
+
+
 # ---------------------------------------------------------------------- public entry point
 def load(name_or_path: str | Path, device=None, dtype=None, seed: int = 0, **overrides) -> HookedV4:
     """A model in eval mode.
 
-    name_or_path: a preset (`"mini-3b"`, `"tiny"`: random-init scaffold, the same weights for
-    the same seed on every machine) or a local directory of safetensors (transformers'
+    name_or_path: a checkpoint shipped with v4lens (`"tiny-recall"`: trained on key->value recall,
+    see v4lens.train; `seed` is unused), a preset (`"mini-3b"`, `"tiny"`: random-init scaffold,
+    the same weights for the same seed on every machine) or a local directory of safetensors (transformers'
     `DeepseekV4ForCausalLM.save_pretrained` layout, or DeepSeek's official names).
     device / dtype: where and in what (fp32 default, or bf16 with fp32 islands) to build it.
     overrides: V4Config fields for a preset (e.g. `use_attn_result=True`).
     """
     path = Path(name_or_path)
-    if str(name_or_path) in PRESETS:
+    if shipped_checkpoint(str(name_or_path)) is not None:  # trained weights shipped in the package; seed unused
+        model = load_checkpoint(shipped_checkpoint(str(name_or_path)), device=device, dtype=dtype, **overrides)
+    elif str(name_or_path) in PRESETS:
+        if str(name_or_path) in SHIPPED:
+            warnings.warn(f"no trained {name_or_path} checkpoint is shipped in this install: random-init weights")
         cfg = preset(str(name_or_path), dtype=resolve_dtype(dtype), device=device, **overrides)
         model = build_empty(cfg, device)
         init_weights(model, seed)
