@@ -32,6 +32,8 @@ CASES: dict[str, tuple[list[str], list[str], list[str]]] = {
                       ["patch.html", "patch.pt"], ["sweep: (4, 12)", "attribution patching: Pearson"]),
     "logit_lens": (["--prompt", SHORT, "--per-stream", "--csv", "lens.csv", "--out", "lens.html"],
                    ["lens.html", "lens.csv"], ["3_post", "stream 3"]),
+    "recall_circuit": (["--n", "8", "--out", "recall.html"], ["recall.html"],
+                       ["value swapped in context", "logit attribution"]),
     "export_figures": (["--prompt", SHORT, "--formats", "html,png", "--out-dir", "figs"],
                        ["figs/index.html", "figs/router_heatmap.html", "figs/comb_grid.html",
                         "figs/attention_pattern.html", "figs/logit_lens.html"], ["9 figures"]),
