@@ -130,11 +130,8 @@ def _info(args) -> int:
 
 
 def _load_model(args):
-    import torch
-
     from .loading import load
 
-    torch.set_grad_enabled(False)
     return load(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
 
 
@@ -275,9 +272,12 @@ def _slice(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        with torch.no_grad():  # no command needs gradients (and main may run inside a caller's process)
+            return args.run(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"v4lens {args.command}: error: {e}", file=sys.stderr)
         return 1
