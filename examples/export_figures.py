@@ -10,24 +10,20 @@ single browser session (`plot.export_session`). Without Chromium the images are 
     python examples/export_figures.py --model tiny --formats html,png,svg --layer 1 --out-dir figs/
 """
 
-import argparse
 import html
 import time
 from pathlib import Path
+
+from _common import load_model, parser
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy cat."
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--model", default="mini-3b", help="preset (tiny, mini-3b) or checkpoint directory (default: mini-3b)"
     )
-    ap.add_argument("--dtype", default="auto", help="fp32 / bf16; auto = bf16 for mini-3b, fp32 otherwise")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--layer", type=int, default=None, help="CSA layer for the per-layer figures (default: the first)")
     ap.add_argument("--head", type=int, default=0, help="attention head for the pattern figure (default 0)")
@@ -39,18 +35,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
 
-    import v4lens
     from v4lens import plot
 
-    torch.set_grad_enabled(False)
     formats = [f.strip().lower().lstrip(".") for f in args.formats.split(",") if f.strip()]
     bad = sorted(set(formats) - {"html", "png", "svg", "pdf"})
     if bad:
         raise SystemExit(f"unknown format(s) {bad}: use html, png, svg, pdf")
-    dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
-    model = v4lens.load(args.model, dtype=dtype)
+    model = load_model(args)
     cfg = model.cfg
     csa = [l for l in range(cfg.n_layers) if cfg.layer_type(l) == "csa"]
     layer = csa[0] if args.layer is None else args.layer

@@ -9,22 +9,17 @@ last query's picks (`patching.force_indexer_picks`) moves the logits. Writes `pl
     python examples/indexer_picks.py --model tiny --layer 1 --exclude 0 --include 5 --out picks.html
 """
 
-import argparse
+from _common import load_model, parser
 
 DEFAULT_PROMPT = ("In the old library by the river, the archivist kept a ledger of every visitor, every borrowed "
                   "book and every late return, and each evening she read the day's names aloud. ")  # fmt: skip
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--model", default="mini-3b", help="preset (tiny, mini-3b) or checkpoint directory (default: mini-3b)"
     )
-    ap.add_argument("--dtype", default="auto", help="fp32 / bf16; auto = bf16 for mini-3b, fp32 otherwise")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument(
         "--repeat",
@@ -45,12 +40,9 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    import v4lens
     from v4lens import patching, plot, stats
 
-    torch.set_grad_enabled(False)
-    dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
-    model = v4lens.load(args.model, dtype=dtype)
+    model = load_model(args)
     cfg = model.cfg
     csa = [l for l in range(cfg.n_layers) if cfg.layer_type(l) == "csa"]
     layer = csa[0] if args.layer is None else args.layer

@@ -10,19 +10,14 @@ only the stream hooks at the positions read (`pos_slice`), so long prompts stay 
     python examples/logit_lens.py --model tiny --position -2 --k 3 --per-stream --csv lens.csv
 """
 
-import argparse
+from _common import load_model, parser
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--model", default="mini-3b", help="preset (tiny, mini-3b) or checkpoint directory (default: mini-3b)"
     )
-    ap.add_argument("--dtype", default="auto", help="fp32 / bf16; auto = bf16 for mini-3b, fp32 otherwise")
     ap.add_argument("--prompt", default="The Eiffel Tower is in the city of Paris")
     ap.add_argument(
         "--position",
@@ -39,15 +34,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch
 
-    import v4lens
     from v4lens import plot
     from v4lens.cache import is_stream_name
 
-    torch.set_grad_enabled(False)
-    dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
-    model = v4lens.load(args.model, dtype=dtype)
+    model = load_model(args)
     tokens = model.to_tokens(args.prompt)
     S = tokens.shape[1]
     position = args.position % S

@@ -12,22 +12,17 @@ clean run's top token (or --answer) and the corrupted run's top token (or --dist
         --corrupted "The Colosseum is in Paris" --where mid --out patch.html
 """
 
-import argparse
+from _common import load_model, parser
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--model",
         default="tiny",
         help="preset or checkpoint directory (default: tiny; the sweep runs "
         "n_layers x positions forwards, ~1 s each on mini-3b)",
     )
-    ap.add_argument("--dtype", default="auto", help="fp32 / bf16; auto = bf16 for mini-3b, fp32 otherwise")
     ap.add_argument("--clean", default="The quick brown fox jumps over the lazy dog and the")
     ap.add_argument(
         "--corrupted",
@@ -49,12 +44,9 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    import v4lens
     from v4lens import patching, plot
 
-    torch.set_grad_enabled(False)
-    dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
-    model = v4lens.load(args.model, dtype=dtype)
+    model = load_model(args)
     clean, corrupted = model.to_tokens(args.clean), model.to_tokens(args.corrupted)
     if clean.shape != corrupted.shape:
         raise SystemExit(f"--clean has {clean.shape[1]} tokens and --corrupted {corrupted.shape[1]}: they must match")

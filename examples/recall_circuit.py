@@ -11,15 +11,11 @@ Notebook 05 walks through the same steps.
     python examples/recall_circuit.py --n 128 --top 10
 """
 
-import argparse
+from _common import load_model, parser
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument("--model", default="tiny-recall", help="preset or checkpoint directory (default: tiny-recall)")
     ap.add_argument("--n", type=int, default=48, help="held-out sequences (default 48)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out sequences")
@@ -36,8 +32,7 @@ def main(argv=None):
     from v4lens import patching, plot
     from v4lens.train import VALUE_IDS, recall_batch
 
-    torch.set_grad_enabled(False)
-    model = v4lens.load(args.model)
+    model = load_model(args)
     batch = recall_batch(args.n, generator=torch.Generator().manual_seed(args.seed))
     tokens, qpos, answer, key_pos = batch["tokens"], batch["query_pos"], batch["answer"], batch["key_pos"]
     rows = torch.arange(len(tokens))

@@ -8,21 +8,16 @@ expert weights, chosen experts circled) as HTML, or PNG/SVG/PDF when Chromium is
     python examples/router_heatmap.py --model tiny --layer 0 --prompt "The quick brown fox" --out r.png
 """
 
-import argparse
+from _common import load_model, parser
 
 DEFAULT_PROMPT = "The quick brown fox jumps over the lazy dog, and the dog chases the fox back into the woods."
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--model", default="mini-3b", help="preset (tiny, mini-3b) or checkpoint directory (default: mini-3b)"
     )
-    ap.add_argument("--dtype", default="auto", help="fp32 / bf16; auto = bf16 for mini-3b, fp32 otherwise")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="text to route")
     ap.add_argument("--layer", type=int, default=2, help="MoE layer to draw (default 2; hash layers work too)")
     ap.add_argument("--max-positions", type=int, default=64, help="positions drawn, ending at the last (default 64)")
@@ -33,14 +28,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch  # imported after argparse so that --help is instant
 
-    import v4lens
     from v4lens import plot, stats
 
-    torch.set_grad_enabled(False)
-    dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
-    model = v4lens.load(args.model, dtype=dtype)
+    model = load_model(args)
     cfg = model.cfg
     if not 0 <= args.layer < cfg.n_layers:
         raise SystemExit(f"--layer must be in [0, {cfg.n_layers}) for {args.model}")

@@ -9,21 +9,16 @@ the last token; writes `plot.comb_grid` (every layer's comb, slider over positio
     python examples/sinkhorn.py --model tiny --layers 0,1 --convergence sinkhorn.html
 """
 
-import argparse
+from _common import load_model, parser
 
 DEFAULT_PROMPT = "Hyper-connections keep four residual streams and mix them with doubly stochastic matrices."
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    ap = parser(__doc__)
     ap.add_argument(
         "--model", default="mini-3b", help="preset (tiny, mini-3b) or checkpoint directory (default: mini-3b)"
     )
-    ap.add_argument("--dtype", default="auto", help="fp32 / bf16; auto = bf16 for mini-3b, fp32 otherwise")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--layer", type=int, default=1, help="layer whose last-token comb is printed (default 1)")
     ap.add_argument("--hc", default="attn_hc", choices=["attn_hc", "mlp_hc"], help="which half of --layer")
@@ -39,12 +34,9 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    import v4lens
     from v4lens import plot, stats
 
-    torch.set_grad_enabled(False)
-    dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
-    model = v4lens.load(args.model, dtype=dtype)
+    model = load_model(args)
     if not 0 <= args.layer < model.cfg.n_layers:
         raise SystemExit(f"--layer must be in [0, {model.cfg.n_layers})")
     tokens = model.to_tokens(args.prompt)
