@@ -23,3 +23,13 @@ def load_model(args):
     torch.set_grad_enabled(False)
     dtype = ("bf16" if args.model == "mini-3b" else None) if args.dtype == "auto" else args.dtype
     return v4lens.load(args.model, dtype=dtype)
+
+
+def save_figure(fig, path) -> None:
+    """Write a figure (.html always works; .png/.svg/.pdf need Chromium — otherwise say so, HTML written)."""
+    from v4lens import plot
+
+    try:
+        print("wrote", plot.save(fig, path))
+    except plot.ExportError as e:
+        print(e)

@@ -9,7 +9,7 @@ last query's picks (`patching.force_indexer_picks`) moves the logits. Writes `pl
     python examples/indexer_picks.py --model tiny --layer 1 --exclude 0 --include 5 --out picks.html
 """
 
-from _common import load_model, parser
+from _common import load_model, parser, save_figure
 
 DEFAULT_PROMPT = ("In the old library by the river, the archivist kept a ledger of every visitor, every borrowed "
                   "book and every late return, and each evening she read the day's names aloud. ")  # fmt: skip
@@ -94,10 +94,7 @@ def main(argv=None):
         )
 
     fig = plot.indexer_scores(model, cache, layer=layer)
-    try:
-        print("wrote", plot.save(fig, args.out))
-    except plot.ExportError as e:
-        print(e)
+    save_figure(fig, args.out)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ only the stream hooks at the positions read (`pos_slice`), so long prompts stay 
     python examples/logit_lens.py --model tiny --position -2 --k 3 --per-stream --csv lens.csv
 """
 
-from _common import load_model, parser
+from _common import load_model, parser, save_figure
 
 
 def parse_args(argv=None):
@@ -60,10 +60,7 @@ def main(argv=None):
         table.to_csv(args.csv)
         print("wrote", args.csv)
     fig = plot.logit_lens_table(lens, model, position=0, k=args.k)  # model= decodes the target
-    try:
-        print("wrote", plot.save(fig, args.out))
-    except plot.ExportError as e:
-        print(e)
+    save_figure(fig, args.out)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ clean run's top token (or --answer) and the corrupted run's top token (or --dist
         --corrupted "The Colosseum is in Paris" --where mid --out patch.html
 """
 
-from _common import load_model, parser
+from _common import load_model, parser, save_figure
 
 
 def parse_args(argv=None):
@@ -100,10 +100,7 @@ def main(argv=None):
                                     title=title + " · max |effect| over streams")  # fmt: skip
     else:
         fig = plot.patching_heatmap(result, model, corrupted, baseline=base_corrupted, title=title)
-    try:
-        print("wrote", plot.save(fig, args.out))
-    except plot.ExportError as e:
-        print(e)
+    save_figure(fig, args.out)
 
 
 if __name__ == "__main__":

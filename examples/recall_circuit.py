@@ -11,7 +11,7 @@ Notebook 05 walks through the same steps.
     python examples/recall_circuit.py --n 128 --top 10
 """
 
-from _common import load_model, parser
+from _common import load_model, parser, save_figure
 
 
 def parse_args(argv=None):
@@ -68,10 +68,7 @@ def main(argv=None):
         print(f"  {label:>16s} {value:+.3f}")
     if args.out:
         fig = plot.patching_heatmap(sweep, model=model, tokens=tokens, title="clean streams → value-swapped run")
-        try:
-            print("wrote", plot.save(fig, args.out))
-        except plot.ExportError as e:
-            print(e)
+        save_figure(fig, args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the last token; writes `plot.comb_grid` (every layer's comb, slider over positio
     python examples/sinkhorn.py --model tiny --layers 0,1 --convergence sinkhorn.html
 """
 
-from _common import load_model, parser
+from _common import load_model, parser, save_figure
 
 DEFAULT_PROMPT = "Hyper-connections keep four residual streams and mix them with doubly stochastic matrices."
 
@@ -67,10 +67,7 @@ def main(argv=None):
         figures.append((args.convergence, plot.sinkhorn_convergence(model, cache, layer=args.layer, hc=args.hc)))
     with plot.export_session():
         for path, fig in figures:
-            try:
-                print("wrote", plot.save(fig, path))
-            except plot.ExportError as e:
-                print(e)
+            save_figure(fig, path)
 
 
 if __name__ == "__main__":
