@@ -1,6 +1,11 @@
-"""The `v4lens` command line.
+"""The `v4lens` command line (`v4lens --help`, `v4lens COMMAND --help`).
 
-v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
+    v4lens info mini-3b                                    # config, parameter counts, layer types
+    v4lens run mini-3b --prompt "The capital of France is" [--chat]   # top next-token (and MTP) predictions
+    v4lens viz --model mini-3b --prompt "..." [--layers 2,3] --out figs/   # router / Sinkhorn / indexer figures
+    v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
+
+A MODEL is a preset name (tiny, tiny-recall, mini-3b, flash — config only) or a checkpoint directory.
 """
 
 from __future__ import annotations

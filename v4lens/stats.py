@@ -1,4 +1,4 @@
-"""Routing, stream-mixing and attention statistics read from a cache (issue 4, part 5).
+"""Routing, stream-mixing and attention statistics read from a cache.
 
 Every function takes the model and a cache from `model.run_with_cache(...)` and returns
 torch tensors (per token / per layer) or a pandas DataFrame (one row per layer, or per
