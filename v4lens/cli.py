@@ -117,7 +117,8 @@ def _info(args) -> int:
     counts = cfg.param_counts()
     kinds = cfg.layer_types()
     print(f"{cfg.name}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.d_vocab}")
-    print(f"parameters: {counts['total']:,} total ({counts['total'] / 1e9:.2f}B), "
+    size = f"{counts['total'] / 1e9:.2f}B" if counts["total"] >= 1e8 else f"{counts['total'] / 1e6:.2f}M"
+    print(f"parameters: {counts['total']:,} total ({size}), "
           f"{counts['total_without_mtp']:,} without MTP, {counts['active']:,} active per token")  # fmt: skip
     print(f"attention: {cfg.n_heads} heads × {cfg.head_dim} (rope {cfg.rope_head_dim}), 1 shared KV head, "
           f"{cfg.o_groups} output groups, window {cfg.window_size}; indexer {cfg.index_n_heads} × "
