@@ -63,7 +63,8 @@ def main(argv=None) -> None:
         layer = args.layer if args.layer is not None else csa[0]
         picks = cache[f"blocks.{layer}.attn.indexer.hook_topk"][0, last]
         picks = picks[picks >= 0].tolist()
-        spans = [f"{w}:[{w * 4}..{w * 4 + 3}]" for w in sorted(picks)]
+        # CSA entry w pools window w-1's first halves and window w's second halves: tokens 4w-4 .. 4w+3
+        spans = [f"{w}:[{max(0, w * 4 - 4)}..{w * 4 + 3}]" for w in sorted(picks)]
         print(f"\nindexer picks, layer {layer}, last token (entry:[source tokens]): {', '.join(spans) or 'none'}")
 
     sink = torch.stack([cache[f"blocks.{l}.attn.hook_sink"][0].mean(-1) for l in range(cfg.n_layers)])  # [L, H]
