@@ -161,6 +161,12 @@ class HookedV4(HookedRootModule):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    def generate(self, input, max_new_tokens: int = 20, **kwargs):
+        """Greedy or sampled generation with hooks active at every step; see `v4lens.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
     def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None):
         """Write safetensors + config.json in transformers' layout (`format="hf"`) or DeepSeek's
         (`"official"`); `v4lens.load(path)` reads either back bit-exactly. See `v4lens.saving`."""
