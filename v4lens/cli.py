@@ -101,11 +101,7 @@ def _config_of(model: str):
     if Path(model).is_dir():
         with Checkpoint(model) as ckpt:
             cfg = ckpt.config()
-            return (
-                cfg
-                if ckpt.has_mtp()
-                else cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
-            )
+            return cfg if ckpt.has_mtp() else cfg.without_mtp()
     raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
 
 

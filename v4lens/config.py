@@ -203,6 +203,10 @@ class V4Config:
     def replace(self, **changes) -> "V4Config":
         return dataclasses.replace(self, **changes)
 
+    def without_mtp(self) -> "V4Config":
+        """The same model without its MTP blocks (e.g. for a checkpoint that holds no mtp.* tensors)."""
+        return self.replace(n_mtp_layers=0, compress_ratios=self.compress_ratios[: self.n_layers])
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dtype"] = str(self.dtype).removeprefix("torch.")

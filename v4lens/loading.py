@@ -292,7 +292,7 @@ def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV
         cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
         if cfg.n_mtp_layers and not ckpt.has_mtp():
             warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without MTP")
-            cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+            cfg = cfg.without_mtp()
         model = build_empty(cfg, device)
         load_tensors(model, ckpt)
     return model

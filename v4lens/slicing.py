@@ -291,7 +291,7 @@ def slice_checkpoint(
     with Checkpoint(src) as ckpt:
         src_cfg = ckpt.config()
         if not ckpt.has_mtp():
-            src_cfg = src_cfg.replace(n_mtp_layers=0, compress_ratios=src_cfg.compress_ratios[: src_cfg.n_layers])
+            src_cfg = src_cfg.without_mtp()
         tgt_cfg = preset(target) if isinstance(target, str) else target
         tgt_cfg = tgt_cfg.replace(dtype=resolve_dtype(dtype), device=None)
         if tgt_cfg.n_mtp_layers > src_cfg.n_mtp_layers:
