@@ -65,6 +65,16 @@ def position_axis(name: str, has_batch_dim: bool = True) -> int | None:
     return axis if has_batch_dim else axis - 1
 
 
+def require_hooks(cache, names, why: str) -> dict:
+    """The cache's tensors by name (a cache or a plain dict) after checking it holds every one of
+    `names`; otherwise a KeyError naming the missing hooks, then `why` (who needs them, how to cache them)."""
+    tensors = getattr(cache, "cache_dict", cache)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise KeyError(f"the cache lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}: {why}")
+    return tensors
+
+
 def caching_hooks(
     model,
     names_filter=None,

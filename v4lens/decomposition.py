@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .cache import require_hooks
 from .model import HookedV4
 
 
@@ -213,9 +214,6 @@ def _unembed_direction(model: HookedV4, target, b: int, P: int, at: torch.Tensor
 
 
 def _require(cache, names: list[str]) -> None:
-    missing = [n for n in names if n not in cache.cache_dict]
-    if missing:
-        raise KeyError(
-            f"the cache lacks {missing[:6]}{' ...' if len(missing) > 6 else ''}; run "
-            "model.run_with_cache(tokens, names_filter=decomposition_hooks(model, heads, experts))"
-        )
+    require_hooks(
+        cache, names, "run model.run_with_cache(tokens, names_filter=decomposition_hooks(model, heads, experts))"
+    )

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import torch
 from einops import einsum
 
+from .cache import require_hooks
 from .indexer import visible_entries
 
 # ----------------------------------------------------------------------------- hooks needed
@@ -73,14 +74,11 @@ def names_filter(*stats: str | Callable) -> Callable[[str], bool]:
 
 def _get(cache, name: str, stat: str) -> torch.Tensor:
     """cache[name], or a KeyError telling the caller which names_filter caches it."""
-    d = getattr(cache, "cache_dict", cache)
-    if name not in d:
-        raise KeyError(
-            f"stats.{stat} needs the cached hook {name!r}, which this cache lacks; cache it with "
-            f"model.run_with_cache(tokens, names_filter=v4lens.stats.names_filter({stat!r})) "
-            f"(it reads {', '.join(HOOKS[stat])} of each block)"
-        )
-    return d[name]
+    why = (
+        f"stats.{stat} needs it; cache it with model.run_with_cache(tokens, "
+        f"names_filter=v4lens.stats.names_filter({stat!r})) (it reads {', '.join(HOOKS[stat])} of each block)"
+    )
+    return require_hooks(cache, [name], why)[name]
 
 
 # ----------------------------------------------------------------------------- layers and tokens

@@ -16,6 +16,8 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
+from ..cache import require_hooks
+
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
 CATEGORICAL = [
@@ -123,13 +125,11 @@ def layer_label(model, prefix: str) -> str:
 
 def cached(cache, name: str, plot: str) -> torch.Tensor:
     """cache[name], or a KeyError naming the missing hook and the figure that needs it."""
-    d = getattr(cache, "cache_dict", cache)
-    if name not in d:
-        raise KeyError(
-            f"{plot} needs the cached hook {name!r}, which this cache lacks; pass the prompt or tokens "
-            f"instead (the figure then caches what it needs) or a cache that includes it"
-        )
-    return d[name]
+    why = (
+        f"{plot} needs it; pass the prompt or tokens instead (the figure then caches what it needs) "
+        "or a cache that includes it"
+    )
+    return require_hooks(cache, [name], why)[name]
 
 
 def resolve_position(position: int, n: int) -> int:
