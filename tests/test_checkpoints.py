@@ -42,7 +42,7 @@ def _assert_same_state(a, b):
 def test_hf_layout_matches_transformers_and_round_trips(model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from v4lens.hf import hf_model_like
+    from v4lens.hf import hf_model_like, use_lowest_index_ties
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     model.save_pretrained(ours, max_shard_size="100KB")
@@ -54,7 +54,7 @@ def test_hf_layout_matches_transformers_and_round_trips(model, tmp_path):
     index = json.loads((ours / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == written and len(set(index["weight_map"].values())) > 1
 
-    hf = AutoModelForCausalLM.from_pretrained(ours).eval()
+    hf = use_lowest_index_ties(AutoModelForCausalLM.from_pretrained(ours)).eval()
     with torch.no_grad():
         ref, got = hf(TOKENS).logits, model(TOKENS)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()

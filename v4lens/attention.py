@@ -20,6 +20,7 @@ from transformer_lens.hook_points import HookPoint
 from .compressor import Compressor
 from .config import V4Config
 from .indexer import Indexer, visible_entries
+from .kv_cache import AttentionState, V4KVCache
 from .norm import RMSNorm
 from .params import fp32_param, is_hooked, param
 from .rope import apply_rope, rope_frequencies
@@ -51,7 +52,7 @@ class Attention(nn.Module):
     def __init__(self, cfg: V4Config, layer: int, device=None):
         super().__init__()
         self.cfg = cfg
-        self.layer_type = cfg.layer_type(layer)
+        self.layer, self.layer_type = layer, cfg.layer_type(layer)
         self.ratio = cfg.compress_ratio(layer)
         H, c, D, dtype = cfg.n_heads, cfg.head_dim, cfg.d_model, cfg.dtype
         G, R_o = cfg.o_groups, cfg.o_lora_rank
@@ -85,12 +86,18 @@ class Attention(nn.Module):
             self._freqs[device] = rope_frequencies(self.cfg, compressed=self.ratio != 0).to(device)
         return self._freqs[device]
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [b,S,D] (attn-normed), positions [S] absolute -> [b,S,D]."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: V4KVCache | None = None) -> torch.Tensor:
+        """x [b,S,D] (attn-normed), positions [S] absolute -> [b,S,D].
+
+        With `cache` the chunk continues the sequence the cache holds (positions start at
+        cache.length) and this layer's state in it is replaced by the state after the chunk.
+        """
         cfg = self.cfg
         b, S, _ = x.shape
         H, c = cfg.n_heads, cfg.head_dim
         freqs = self.freqs(x.device)
+        state = cache.layers.get(self.layer) if cache is not None else None
+        commit = cache.commit if cache is not None else None
 
         q_latent = self.hook_q_latent(self.q_norm(F.linear(x, self.wq_a)))
         q = F.linear(q_latent, self.wq_b).view(b, S, H, c)
@@ -98,33 +105,62 @@ class Attention(nn.Module):
         q = self.hook_q(apply_rope(q, positions, freqs))
         kv = self.hook_kv(apply_rope(self.kv_norm(F.linear(x, self.wkv)), positions, freqs))
 
+        # Index space seen by hooks: raw token p -> p, entry w -> N + w (N = tokens so far).
+        # Locally the keys are [the cached window, this chunk's tokens, entries].
+        past = state.window if state is not None else kv[:, :0]  # [b, ≤W-1, c]
+        first = int(positions[0]) - past.shape[1]  # absolute position of the first raw key
+        N = int(positions[-1]) + 1
         # repeat, not expand: a hook may edit key_index in place (TransformerLens patch setters do)
         key_index = window_index(positions, cfg.window_size)[None].repeat(b, 1, 1)
-        keys = kv
+        raw = torch.cat([past, kv], dim=1)
+        entries = None
+        kept = raw[:, : past.shape[1] + (S if commit is None else commit)]  # the next chunk's past
+        next_state = {"window": kept[:, max(0, kept.shape[1] - (cfg.window_size - 1)) :].clone()}
         if self.compressor is not None:
-            entries = self.compressor(x, freqs)  # [b,T,c]
+            new_entries, comp_next = self.compressor(x, freqs, state.compressor if state else None, commit)
+            old = state.entries if state is not None else new_entries[:, :0]
+            entries = torch.cat([old, new_entries], dim=1)  # [b,T,c]
+            n_kept = comp_next.n_entries - old.shape[1]
+            next_state.update(compressor=comp_next, entries=torch.cat([old, new_entries[:, :n_kept]], dim=1))
             T = entries.shape[1]
             if self.indexer is not None:
-                picks = self.indexer(x, q_latent, positions, freqs)
+                previous = (state.indexer, state.index_keys) if state is not None else None
+                picks, (index_comp, index_keys) = self.indexer(x, q_latent, positions, freqs, previous, commit)
+                next_state.update(indexer=index_comp, index_keys=index_keys)
                 # edits may name any entry: keep only real, visible ones (causality)
                 ok = (picks >= 0) & (picks < visible_entries(positions, 4)[:, None])
                 comp = torch.where(ok, picks, -1)
             else:
                 comp = compressed_index(positions, T, self.ratio)[None].expand(b, S, -1)
-            key_index = torch.cat([key_index, torch.where(comp >= 0, comp + S, -1)], dim=-1)
-            keys = torch.cat([kv, entries], dim=1)  # [b, S+T, c]
+            key_index = torch.cat([key_index, torch.where(comp >= 0, comp + N, -1)], dim=-1)
         key_index = self.hook_key_index(key_index)
-        if key_index.numel() and int(key_index.max()) >= keys.shape[1]:
-            raise ValueError(
-                f"{self.hook_key_index.name}: candidate {int(key_index.max())} does not exist "
-                f"(0..{S - 1} are tokens, {S}..{keys.shape[1] - 1} compressed entries, -1 empty)"
-            )
+        keys, local_index = self._local_keys(raw, entries, key_index, first, N)
+        if cache is not None:
+            cache.layers[self.layer] = AttentionState(**next_state)
 
         # a fresh tensor (repeat, not expand): an in-place hook edit must not write into attn_sink
         sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].repeat(b, 1, S))
-        z = self._attend(q, keys, key_index, sink_logit)  # [b,S,H,c]
+        z = self._attend(q, keys, local_index, sink_logit)  # [b,S,H,c]
         z = self.hook_z(apply_rope(z, positions, freqs, inverse=True))
         return self._project_out(z)
+
+    def _local_keys(self, raw, entries, key_index, first: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys [b, R(+T), c] = the raw tokens first..N-1 then the entries, and key_index (hook
+        numbering: token p -> p, entry w -> N + w) rewritten as rows of those keys."""
+        n_raw = raw.shape[1]
+        keys = raw if entries is None else torch.cat([raw, entries], dim=1)
+        n_keys = keys.shape[1]
+        used = key_index[key_index >= 0]
+        if used.numel():
+            lo, hi = int(used.min()), int(used.max())
+            if hi >= N + n_keys - n_raw or lo < first:
+                bad = hi if hi >= N + n_keys - n_raw else lo
+                raise ValueError(
+                    f"{self.hook_key_index.name}: candidate {bad} does not exist here (tokens {first}..{N - 1} "
+                    f"are held, {N}..{N + n_keys - n_raw - 1} are compressed entries, -1 empty)"
+                )
+        local = torch.where(key_index >= N, key_index - N + n_raw, key_index - first)
+        return keys, torch.where(key_index >= 0, local, -1)
 
     def _attend(
         self, q: torch.Tensor, keys: torch.Tensor, key_index: torch.Tensor, sink_logit: torch.Tensor

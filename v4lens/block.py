@@ -13,6 +13,7 @@ from transformer_lens.hook_points import HookPoint
 from .attention import Attention
 from .config import V4Config
 from .hyper_connections import HyperConnection, expand
+from .kv_cache import V4KVCache
 from .moe import MoE
 from .norm import RMSNorm
 
@@ -37,12 +38,14 @@ class Block(nn.Module):
         self.hook_mlp_out = HookPoint()
         self.hook_streams_post = HookPoint()
 
-    def forward(self, streams: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-        """streams [b,S,n,d], positions [S], tokens [b,S] -> streams [b,S,n,d]."""
+    def forward(
+        self, streams: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor | None, cache: V4KVCache | None = None
+    ) -> torch.Tensor:
+        """streams [b,S,n,d], positions [S], tokens [b,S] -> streams [b,S,n,d]; `cache`: the attention's decoding state."""
         dtype = streams.dtype
         streams = self.hook_streams_pre(streams)
         x, post, mixed = self.attn_hc(streams)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(x), positions))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(x), positions, cache))
         streams = self.hook_streams_mid(expand(attn_out, mixed, post, dtype))
         x, post, mixed = self.mlp_hc(streams)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(x), tokens))

@@ -2,6 +2,10 @@
 
 Used by the parity tests and the benchmarks. transformers keeps some tensors in fp32
 (`_keep_in_fp32_modules_strict`) and fuses the routed experts' gate and up projections.
+Its Lightning Indexer picks with `torch.topk`, which breaks exact ties (frequent: a score is
+exactly 0 when no index head fires) in an order that depends on the row length, i.e. on how
+many entries the *future* of the sequence holds; v4lens breaks them by lowest entry id
+(`v4lens.indexer.topk_lowest_index_first`), and the oracle built here is made to do the same.
 """
 
 from __future__ import annotations
@@ -32,7 +36,40 @@ def hf_model_like(model: HookedV4, dtype: torch.dtype | None = None, device=None
     hf.to_empty(device=device or model.device)
     copy_weights_to_hf(model, hf)
     _reset_rotary(hf)
-    return hf.eval()
+    return use_lowest_index_ties(hf).eval()
+
+
+def use_lowest_index_ties(hf):
+    """Make a transformers DeepSeek-V4 model's indexers break exact ties like v4lens (see the module docstring)."""
+    for module in hf.modules():
+        if type(module).__name__ == "DeepseekV4Indexer" and not hasattr(module.forward, "__wrapped__"):
+            module.forward = _with_lowest_index_ties(module.forward)
+    return hf
+
+
+def _with_lowest_index_ties(forward):
+    """`forward` with `Tensor.topk` replaced, during the call, by v4lens's tie-breaking top-k."""
+    import functools
+
+    from .indexer import topk_lowest_index_first
+
+    @functools.wraps(forward)
+    def wrapped(*args, **kwargs):
+        original = torch.Tensor.topk
+
+        def topk(self, k, dim=-1, largest=True, sorted=True):
+            if not (largest and dim in (-1, self.ndim - 1) and self.is_floating_point()):
+                return original(self, k, dim=dim, largest=largest, sorted=sorted)
+            indices = topk_lowest_index_first(self, k)
+            return torch.return_types.topk((self.gather(-1, indices), indices))
+
+        torch.Tensor.topk = topk
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.Tensor.topk = original
+
+    return wrapped
 
 
 def copy_weights_to_hf(model: HookedV4, hf) -> None:

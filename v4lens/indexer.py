@@ -14,6 +14,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .compressor import Compressor
 from .config import V4Config
+from .kv_cache import CompressorState
 from .params import is_hooked, param
 from .rope import apply_rope
 
@@ -21,6 +22,18 @@ from .rope import apply_rope
 def visible_entries(positions: torch.Tensor, ratio: int) -> torch.Tensor:
     """Number of compressed entries query t may see: ⌊(t+1)/m⌋ (an entry is visible from its window's last token)."""
     return torch.div(positions + 1, ratio, rounding_mode="floor")
+
+
+def topk_lowest_index_first(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest fp32 scores along the last axis, in descending order, equal scores
+    in ascending index order. torch.topk breaks ties arbitrarily (differently for different row
+    widths), so a chunked forward, whose rows are shorter, could pick another of two tied entries
+    (ties are common: ReLU makes a score exactly 0 whenever no head fires). Here the order is
+    total: a 64-bit key of (score's order-preserving integer image, -index)."""
+    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
+    index = torch.arange(scores.shape[-1], device=scores.device)
+    return ((ordered << 32) | (scores.shape[-1] - 1 - index)).topk(k, dim=-1).indices
 
 
 class Indexer(nn.Module):
@@ -46,11 +59,19 @@ class Indexer(nn.Module):
         self.hook_topk = HookPoint()
 
     def forward(
-        self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor
-    ) -> torch.Tensor:
-        """x [b,S,D] (attn-normed), q_latent [b,S,R_q] -> picks [b,S,k] int64 (entry ids, -1 empty)."""
+        self, x: torch.Tensor, q_latent: torch.Tensor, positions: torch.Tensor, freqs: torch.Tensor,
+        state: tuple[CompressorState, torch.Tensor] | None = None, commit: int | None = None,
+    ) -> tuple[torch.Tensor, tuple[CompressorState, torch.Tensor]]:  # fmt: skip
+        """x [b,S,D] (attn-normed), q_latent [b,S,R_q] -> (picks [b,S,k] int64 (entry ids, -1 empty),
+        (compressor state, keys so far) for the next chunk). `state`: that pair from the previous
+        chunk; `hook_kv` then sees only the keys this chunk adds."""
         b, S, _ = x.shape
-        keys = self.hook_kv(self.compressor(x, freqs))  # [b,T,c_I]
+        comp_state, old_keys = state if state is not None else (None, x.new_zeros(b, 0, self.head_dim))
+        new_keys, comp_next = self.compressor(x, freqs, comp_state, commit)
+        new_keys = self.hook_kv(new_keys)  # [b,T_new,c_I]
+        keys = torch.cat([old_keys, new_keys], dim=1)  # [b,T,c_I]
+        n_kept = comp_next.n_entries - (comp_state.n_entries if comp_state is not None else 0)
+        next_state = (comp_next, torch.cat([old_keys, new_keys[:, :n_kept]], dim=1))
         T = keys.shape[1]
         q = torch.nn.functional.linear(q_latent, self.wq_b).view(b, S, self.n_heads, self.head_dim)
         q = self.hook_q(apply_rope(q, positions, freqs))
@@ -60,7 +81,7 @@ class Indexer(nn.Module):
         k = min(self.topk, T)
         if T == 0:  # shorter than one window: nothing to score, but every hook still fires (empty)
             self.hook_scores(torch.zeros((b, S, 0), dtype=torch.float32, device=x.device))
-            return self.hook_topk(torch.full((b, S, 0), -1, dtype=torch.long, device=x.device))
+            return self.hook_topk(torch.full((b, S, 0), -1, dtype=torch.long, device=x.device)), next_state
         # The score matrix is [S, T] = S²/4: score in query chunks unless someone hooks it whole.
         chunk = S if is_hooked(self.hook_scores) else self.cfg.attn_chunk_size
         picks = []
@@ -70,6 +91,6 @@ class Indexer(nn.Module):
             scores = torch.einsum("bsh,bsht->bst", alpha[:, s0:s1], torch.relu(dots)).float()
             future = torch.arange(T, device=x.device)[None, :] >= visible[s0:s1, None]  # [s,T]
             scores = self.hook_scores(scores.masked_fill(future, float("-inf")))
-            top = scores.topk(k, dim=-1).indices
+            top = topk_lowest_index_first(scores, k)
             picks.append(torch.where(top >= visible[s0:s1, None], -1, top))
-        return self.hook_topk(torch.cat(picks, dim=1))
+        return self.hook_topk(torch.cat(picks, dim=1)), next_state

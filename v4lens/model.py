@@ -18,6 +18,7 @@ from .block import Block
 from .config import V4Config
 from .head import fp32_logits
 from .hyper_connections import HyperHead
+from .kv_cache import V4KVCache
 from .mtp import MTPBlock
 from .norm import RMSNorm
 from .params import is_fp32_island, param
@@ -182,6 +183,8 @@ class HookedV4(HookedRootModule):
         mtp: bool = False,
         mtp_next_tokens: torch.Tensor | None = None,
         loss_per_token: bool = False,
+        past_kv_cache: V4KVCache | None = None,
+        stop_at_layer: int | None = None,
     ):
         """Run the model.
 
@@ -192,19 +195,35 @@ class HookedV4(HookedRootModule):
         mtp_logits a list of fp32 [b,p,V] (depth j at position t predicts token t+2+j).
         mtp_next_tokens: tokens [b, n_mtp] to use after the last position instead of the
         greedy draft (the argmax of the previous head there).
+        past_kv_cache: a `V4KVCache`; the input continues the sequence it holds and the cache
+        advances (incremental decoding / chunked prefill: same logits and hooked values as one
+        forward over the whole sequence; see `v4lens.kv_cache`).
+        stop_at_layer: run blocks 0..stop_at_layer-1 only and return their output streams
+        [b,p,n,d] (TransformerLens's option: cheap caching of early layers).
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if stop_at_layer is not None and (past_kv_cache is not None or mtp):
+            raise ValueError("stop_at_layer cannot be combined with past_kv_cache or mtp (later layers would not run)")
         tokens = self._validate_tokens(input)
         b, S = tokens.shape
-        positions = torch.arange(S, device=tokens.device)
+        if past_kv_cache is not None:
+            positions = past_kv_cache.start(tokens)
+            if mtp and past_kv_cache.length and past_kv_cache.mtp_length != past_kv_cache.length:
+                raise ValueError("mtp=True with past_kv_cache needs every earlier chunk run with mtp=True too")
+        else:
+            positions = torch.arange(S, device=tokens.device)
 
         embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
         # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
         streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
-        for block in self.blocks:
-            streams = block(streams, positions, tokens)
+        for block in self.blocks[:stop_at_layer]:
+            streams = block(streams, positions, tokens, past_kv_cache)
+        if stop_at_layer is not None:
+            return streams
         if return_type is None and not mtp:
+            if past_kv_cache is not None:
+                past_kv_cache.length += S
             return None
 
         logits = self._unembed(streams)
@@ -214,17 +233,22 @@ class HookedV4(HookedRootModule):
         elif return_type is not None:
             loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
             result = loss if return_type == "loss" else (logits, loss)
-        if not mtp:
-            return result
-        return result, self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens)
+        mtp_logits = self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache) if mtp else None
+        if past_kv_cache is not None:
+            past_kv_cache.length += S
+            if mtp:
+                past_kv_cache.mtp_length = past_kv_cache.length
+        return (result, mtp_logits) if mtp else result
 
     def _unembed(self, streams: torch.Tensor) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
         return self.hook_logits(fp32_logits(h, self.head.weight))
 
-    def _run_mtp(self, streams, tokens, logits, positions, next_tokens) -> list[torch.Tensor]:
+    def _run_mtp(self, streams, tokens, logits, positions, next_tokens, cache=None) -> list[torch.Tensor]:
         if not len(self.mtp):
             raise ValueError("this model has no MTP blocks (cfg.n_mtp_layers = 0)")
+        if cache is not None and len(self.mtp) > 1:
+            raise NotImplementedError("incremental decoding supports one MTP block (V4-Flash and mini-3b have one)")
         b, S = tokens.shape
         if next_tokens is not None:
             next_tokens = torch.as_tensor(next_tokens, device=tokens.device).reshape(b, -1)
@@ -238,10 +262,29 @@ class HookedV4(HookedRootModule):
             else:
                 last = prev_logits[:, -1:].argmax(-1)
             shifted = torch.cat([shifted[:, 1:], last], dim=1)
-            stream = block(stream, F.embedding(shifted, self.embed.weight), positions)
-            prev_logits = block.logits(stream, self.head.weight)
+            if cache is None:
+                stream = block(stream, F.embedding(shifted, self.embed.weight), positions)
+            else:
+                stream = self._cached_mtp(block, stream, tokens, shifted, positions, cache)
+            prev_logits = block.logits(stream, self.head.weight)[:, -S:]
             out.append(prev_logits)
         return out
+
+    def _cached_mtp(self, block, streams, tokens, next_ids, positions, cache: V4KVCache) -> torch.Tensor:
+        """The MTP block on a chunk with a decoding cache. Position t needs token t+1, so the
+        previous chunk's last position (whose next token was a draft then) runs again first, now
+        with this chunk's first token, and the state keeps every position but this chunk's last
+        (a draft again). Its hooks see that extra first position."""
+        if cache.mtp_pending is not None:
+            streams = torch.cat([cache.mtp_pending, streams], dim=1)
+            next_ids = torch.cat([tokens[:, :1], next_ids], dim=1)
+            positions = torch.cat([positions[:1] - 1, positions])
+        cache.mtp_pending = streams[:, -1:].clone()
+        cache.commit = streams.shape[1] - 1
+        try:
+            return block(streams, F.embedding(next_ids, self.embed.weight), positions, cache)
+        finally:
+            cache.commit = None
 
     # ------------------------------------------------------------------ input checks
     def _validate_tokens(self, input) -> torch.Tensor:

@@ -37,12 +37,12 @@ class MTPBlock(Block):
         self.hook_hidden = HookPoint()
         self.hook_logits = HookPoint()
 
-    def forward(self, streams: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def forward(self, streams: torch.Tensor, next_embed: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
         """streams [b,S,n,d] (previous depth's final streams), next_embed [b,S,d] -> this block's streams."""
         e = self.hook_embed(self.enorm(next_embed))
         h = self.hook_hidden(self.hnorm(streams))
         x = F.linear(e, self.e_proj)[:, :, None, :] + F.linear(h, self.h_proj)
-        return super().forward(x, positions, None)
+        return super().forward(x, positions, None, cache)
 
     def logits(self, streams: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
