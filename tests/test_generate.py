@@ -1,4 +1,5 @@
-"""Generation with hooks (one full forward per token): greedy, sampling, EOS, hooks, caches, MTP read-out."""
+"""Generation with hooks: greedy, sampling, EOS, hooks, caches, MTP read-out, the decoding cache and
+speculative decoding with the MTP head."""
 
 from __future__ import annotations
 
@@ -71,13 +72,96 @@ def test_hooks_act_at_every_step_and_caches_are_kept(model, prompt):
         calls.append(picks.shape[1])
         return torch.full_like(picks, -1)
 
-    out = model.generate(tokens, 3, stop_at_eos=False, fwd_hooks=[("blocks.1.attn.indexer.hook_topk", no_picks)],
-                         cache_steps=True, names_filter=["blocks.1.attn.indexer.hook_topk"])  # fmt: skip
+    hooks = [("blocks.1.attn.indexer.hook_topk", no_picks)]
+    names = ["blocks.1.attn.indexer.hook_topk"]
+    out = model.generate(tokens, 3, stop_at_eos=False, fwd_hooks=hooks, cache_steps=True, names_filter=names, use_cache=False)
     S = tokens.shape[1]
-    assert calls == [S, S + 1, S + 2]  # the hook saw the whole, growing sequence at each step
+    assert calls == [S, S + 1, S + 2]  # without the decoding cache: the whole, growing sequence at each step
     assert not torch.equal(out.new_tokens[:, 0], answer)  # without the indexer's picks recall fails
     assert len(out.caches) == 3 and bool((out.caches[1]["blocks.1.attn.indexer.hook_topk"] == -1).all())
     assert not model.hook_dict["blocks.1.attn.indexer.hook_topk"]._forward_hooks  # nothing left attached
+
+    calls.clear()
+    cached = model.generate(tokens, 3, stop_at_eos=False, fwd_hooks=hooks, cache_steps=True, names_filter=names)
+    assert calls == [S, 1, 1]  # with it: the prompt, then one new position per step
+    assert torch.equal(cached.tokens, out.tokens) and cached.caches[2]["blocks.1.attn.indexer.hook_topk"].shape[1] == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_mtp():
+    from conftest import perturb
+
+    return perturb(v4lens.load("tiny", d_vocab=256, seed=0), seed=3)
+
+
+def test_cached_decoding_equals_full_forwards_across_many_boundaries(tiny_mtp):
+    """40 steps cross 5 windows (W=8), 10 CSA and 6-7 HCA (m=6) compressions, batch of 2."""
+    tokens = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    cached = tiny_mtp.generate(tokens, 40, stop_at_eos=False, mtp=True)
+    full = tiny_mtp.generate(tokens, 40, stop_at_eos=False, mtp=True, use_cache=False)
+    assert torch.equal(cached.tokens, full.tokens) and torch.equal(cached.mtp_drafts, full.mtp_drafts)
+    assert len(set(cached.new_tokens[0].tolist())) > 5  # not a degenerate repetition
+    sampled = [tiny_mtp.generate(tokens, 20, temperature=1.0, top_p=0.9, seed=4, use_cache=c) for c in (True, False)]
+    assert torch.equal(sampled[0].tokens, sampled[1].tokens)
+
+
+def test_speculative_decoding_equals_greedy(tiny_mtp):
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    greedy = tiny_mtp.generate(tokens, 30, stop_at_eos=False)
+    spec = tiny_mtp.generate(tokens, 30, stop_at_eos=False, speculative=True)
+    assert torch.equal(spec.tokens, greedy.tokens) and greedy.forwards == 30
+    assert spec.mtp_acceptance is not None and 0 <= spec.mtp_acceptance <= 1
+    for n in (0, 1, 2, 5):  # the budget is exact
+        assert tiny_mtp.generate(tokens, n, stop_at_eos=False, speculative=True).new_tokens.shape == (2, n)
+
+
+def test_speculative_rollback_with_mixed_verdicts(tiny_mtp):
+    """An MTP head made right two times in three (a hook puts the true greedy token on top): the
+    kept drafts and the rolled-back ones interleave, and the output is still plain greedy."""
+    tokens = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    greedy = tiny_mtp.generate(tokens, 30, stop_at_eos=False).tokens[0]
+    last = {}
+
+    def query_position(index, hook):  # the window's last column is the query itself: its absolute position
+        last["q"] = int(index[0, -1, -1])
+
+    def oracle_draft(logits, hook):
+        q = last["q"]  # the draft at q guesses token q + 2
+        if q + 2 < len(greedy) and q % 3:
+            logits = logits.clone()
+            logits[:, -1, greedy[q + 2]] += 1e4
+        return logits
+
+    hooks = [("blocks.0.attn.hook_key_index", query_position), ("mtp.0.hook_logits", oracle_draft)]
+    spec = tiny_mtp.generate(tokens, 30, stop_at_eos=False, speculative=True, fwd_hooks=hooks)
+    assert torch.equal(spec.tokens[0], greedy)
+    assert 0.4 < spec.mtp_acceptance < 0.9 and spec.forwards < 30
+
+
+def test_speculative_accepts_and_rejects_per_batch(tiny_mtp):
+    """Hooks force the main head to say 7 always and the MTP head to draft 7 for row 0 and 9 for row 1:
+    row 1's drafts are rejected, so every verification is rolled back; with both rows drafting 7 each
+    forward yields two tokens. Output always equals greedy decoding under the same hooks."""
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def force(row_tokens):
+        def hook(logits, hook):
+            logits = logits.clone()
+            for row, tok in enumerate(row_tokens):
+                logits[row, :, tok] += 1e4
+            return logits
+
+        return hook
+
+    main = ("hook_logits", force([7, 7]))
+    for drafts, acceptance, forwards in (([7, 9], 0.5, 1 + 2 * 10), ([7, 7], 1.0, 1 + 10)):
+        hooks = [main, ("mtp.0.hook_logits", force(drafts))]
+        spec = tiny_mtp.generate(tokens, 21, stop_at_eos=False, speculative=True, fwd_hooks=hooks)
+        greedy = tiny_mtp.generate(tokens, 21, stop_at_eos=False, fwd_hooks=hooks)
+        assert torch.equal(spec.tokens, greedy.tokens) and bool((spec.new_tokens == 7).all())
+        assert spec.mtp_acceptance == acceptance and spec.forwards == forwards
+    with pytest.raises(ValueError, match="greedy"):
+        tiny_mtp.generate(tokens, 3, speculative=True, temperature=1.0)
 
 
 def test_stream_callback_text_and_chat_input():
@@ -95,6 +179,7 @@ def test_mtp_drafts_and_acceptance():
     tiny = v4lens.load("tiny")
     tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
     out = tiny.generate(tokens, 5, stop_at_eos=False, mtp=True)
+    assert torch.equal(out.mtp_drafts, tiny.generate(tokens, 5, stop_at_eos=False, mtp=True, use_cache=False).mtp_drafts)
     assert out.mtp_drafts.shape == (2, 5) and bool((out.mtp_drafts[:, -1] == -1).all())
     hits = (out.mtp_drafts[:, :-1] == out.new_tokens[:, 1:]).float().mean().item()
     assert out.mtp_acceptance == pytest.approx(hits)

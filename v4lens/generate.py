@@ -1,9 +1,10 @@
-"""Text generation with hooks: greedy or sampled, one full forward per new token.
+"""Text generation with hooks: greedy or sampled, incremental (`V4KVCache`) or full forwards,
+optionally speculative with the MTP head.
 
-Every step runs the whole sequence through the model (no incremental KV / compressor cache
-yet), so hooks see every position at every step, exactly as in a plain forward, and a hook that
-edits activations changes what is generated. Cost grows with the square of the length: fine
-for interpretability-sized generations, not for long ones.
+Hooks are active at every step, so a hook that edits activations changes what is generated.
+By default each step runs only the new token against the decoding cache (the same logits as a
+full forward); `use_cache=False` reruns the whole sequence every step, so hooks see every
+position each time.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+from .kv_cache import V4KVCache
 
 
 @dataclass
@@ -22,7 +25,8 @@ class Generation:
     text: the decoded new tokens per row (when a tokenizer is available); caches: one activation
     cache per step when asked for; mtp_drafts [b, steps] the MTP head's prediction, at each step,
     of the token after the next one (-1 where no such step followed), and mtp_acceptance: the
-    fraction of drafts the model then generated itself.
+    fraction of drafts the model then generated itself (with speculative decoding: the fraction
+    of verified drafts kept); forwards: how many model forwards the generation took.
     """
 
     tokens: torch.Tensor
@@ -31,6 +35,7 @@ class Generation:
     caches: list = field(default_factory=list)
     mtp_drafts: torch.Tensor | None = None
     mtp_acceptance: float | None = None
+    forwards: int = 0
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -58,7 +63,7 @@ def generate(
     top_p: float | None = None, seed: int | None = None, stop_at_eos: bool = True,
     eos_token_id: int | None = None, fwd_hooks: Sequence = (), cache_steps: bool = False,
     names_filter=None, mtp: bool = False, stream: Callable[[torch.Tensor], None] | None = None,
-    chat: bool = False, thinking: bool = False,
+    chat: bool = False, thinking: bool = False, use_cache: bool = True, speculative: bool = False,
 ) -> Generation:  # fmt: skip
     """Generate up to `max_new_tokens` tokens after `input`.
 
@@ -69,8 +74,16 @@ def generate(
     keep going until all stopped or max_new_tokens.
     fwd_hooks: (name, fn) pairs active at every step (edits change the generation);
     cache_steps: keep each step's `V4ActivationCache` (only `names_filter` hooks if given).
+    use_cache: decode incrementally with a `V4KVCache` (prefill, then one token per step: the
+    same logits as full forwards, each step costs O(window + top-k + entries)); then a step's
+    hooks and cache cover the new position only (the prefill: the prompt). use_cache=False runs
+    the whole sequence every step (hooks see every position each time; cost grows as n²).
     mtp: also read the MTP head at each step and report its drafts and acceptance rate.
-    stream: called with the new token ids [b] after every step.
+    speculative: greedy decoding that verifies the MTP head's draft of the token after next in the
+    same forward as the next token, keeping it when the model agrees (up to 2 tokens per
+    forward); the output equals plain greedy decoding. Hooks then see the verification
+    forwards (a rejected draft's position included).
+    stream: called with the new token ids [b] after every token.
 
     Example::
 
@@ -84,45 +97,107 @@ def generate(
         tokens = model.to_tokens(text, prepend_bos=False)  # the template starts with BOS
     else:
         tokens = model._validate_tokens(input)
-    if mtp and not len(model.mtp):
-        raise ValueError("mtp=True needs a model with an MTP block (cfg.n_mtp_layers > 0)")
-    eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+    if (mtp or speculative) and not len(model.mtp):
+        raise ValueError("mtp=True / speculative=True need a model with an MTP block (cfg.n_mtp_layers > 0)")
+    if speculative and (temperature > 0 or cache_steps or not use_cache):
+        raise ValueError("speculative=True is greedy decoding with the KV cache: no temperature, cache_steps or use_cache=False")
+    run = _Run(model, tokens, max_new_tokens, stop_at_eos, eos_token_id, stream)
     generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
-    b = tokens.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-    caches, drafts, new = [], [], []
+    kv = V4KVCache() if use_cache else None
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        for _ in range(max_new_tokens):
-            if cache_steps:
-                out, cache = model.run_with_cache(tokens, mtp=mtp, names_filter=names_filter)
-                caches.append(cache)
-            else:
-                out = model(tokens, mtp=mtp)
-            logits, mtp_logits = (out[0], out[1][0]) if mtp else (out, None)
-            next_tokens = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
-            next_tokens = torch.where(done, model.cfg.pad_token_id, next_tokens)
-            if mtp:
-                # the MTP head at the last position drafts token t+2 after the greedy draft of t+1
-                drafts.append(torch.where(done, -1, mtp_logits[:, -1].argmax(-1)))
-            new.append(next_tokens)
-            tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-            if stream is not None:
-                stream(next_tokens)
-            if stop_at_eos:
-                done = done | (next_tokens == eos)
-                if bool(done.all()):
-                    break
-    new_tokens = torch.stack(new, dim=1) if new else tokens[:, :0]
-    result = Generation(tokens=tokens, new_tokens=new_tokens, caches=caches)
-    if mtp and drafts:
-        result.mtp_drafts, result.mtp_acceptance = _mtp_readout(torch.stack(drafts, dim=1), new_tokens)
-    try:
-        result.text = [model.to_string(row) for row in new_tokens]
-    except Exception:  # no tokenizer: ids only
-        result.text = None
-    return result
+        if speculative:
+            _speculate(model, run, kv)
+        else:
+            feed = tokens
+            while not run.finished:
+                if cache_steps:
+                    out, cache = model.run_with_cache(feed, mtp=mtp, names_filter=names_filter, past_kv_cache=kv)
+                    run.caches.append(cache)
+                else:
+                    out = model(feed, mtp=mtp, past_kv_cache=kv)
+                run.forwards += 1
+                logits, mtp_logits = (out[0], out[1][0]) if mtp else (out, None)
+                if mtp:
+                    # the MTP head at the last position drafts token t+2 after the greedy draft of t+1
+                    run.drafts.append(torch.where(run.done, -1, mtp_logits[:, -1].argmax(-1)))
+                run.emit(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
+                feed = run.tokens[:, -1:] if use_cache else run.tokens
+    return run.result(model, mtp and not speculative)
 
 
+class _Run:
+    """Bookkeeping shared by plain and speculative decoding: emitted tokens, EOS, budget, streaming."""
+
+    def __init__(self, model, tokens, max_new_tokens, stop_at_eos, eos_token_id, stream):
+        self.tokens, self.max_new_tokens, self.stop_at_eos, self.stream = tokens, max_new_tokens, stop_at_eos, stream
+        self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+        self.pad = model.cfg.pad_token_id
+        self.done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        self.new, self.caches, self.drafts = [], [], []
+        self.forwards, self.verified, self.accepted = 0, 0, 0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.new) >= self.max_new_tokens or bool(self.done.all())
+
+    def emit(self, next_tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (pad after a row's EOS); returns what was appended."""
+        next_tokens = torch.where(self.done, self.pad, next_tokens)
+        self.new.append(next_tokens)
+        self.tokens = torch.cat([self.tokens, next_tokens[:, None]], dim=1)
+        if self.stream is not None:
+            self.stream(next_tokens)
+        if self.stop_at_eos:
+            self.done = self.done | (next_tokens == self.eos)
+        return next_tokens
+
+    def result(self, model, mtp_readout: bool) -> Generation:
+        new_tokens = torch.stack(self.new, dim=1) if self.new else self.tokens[:, :0]
+        result = Generation(tokens=self.tokens, new_tokens=new_tokens, caches=self.caches, forwards=self.forwards)
+        if mtp_readout and self.drafts:
+            result.mtp_drafts, result.mtp_acceptance = _mtp_readout(torch.stack(self.drafts, dim=1), new_tokens)
+        if self.verified:
+            result.mtp_acceptance = self.accepted / self.verified
+        try:
+            result.text = [model.to_string(row) for row in new_tokens]
+        except Exception:  # no tokenizer: ids only
+            result.text = None
+        return result
+
+
+def _speculate(model, run: _Run, kv: V4KVCache) -> None:
+    """Greedy decoding with the MTP head as a one-token drafter.
+
+    Invariant at the top of the loop: the cache holds positions 0..p-1, `x` (position p) is
+    emitted but not yet run, and `draft` is the MTP head's guess for position p+1 (the MTP block
+    at p-1 reads x, and predicts two ahead). One forward over [x, draft] gives the greedy token
+    after x and, if that equals the draft, the one after the draft too. On a mismatch the cache is
+    rolled back and [x, greedy token] is run instead, so the cache only ever holds the greedy path.
+    """
+    if run.finished:
+        return
+    logits, (mtp_logits,) = model(run.tokens, past_kv_cache=kv, mtp=True)
+    run.forwards += 1
+    x, draft = run.emit(logits[:, -1].argmax(-1)), mtp_logits[:, -1].argmax(-1)
+    while not run.finished:
+        draft = torch.where(run.done, run.pad, draft)  # a finished row feeds pads, as plain decoding does
+        before = kv.snapshot()
+        logits, (mtp_logits,) = model(torch.stack([x, draft], dim=1), past_kv_cache=kv, mtp=True)
+        run.forwards += 1
+        greedy = torch.where(run.done, run.pad, logits[:, 0].argmax(-1))
+        live = ~run.done
+        run.verified += int(live.sum())
+        if not bool((greedy == draft).all()):
+            run.accepted += int(((greedy == draft) & live).sum())  # rows that agreed still count
+            kv.restore(before)
+            logits, (mtp_logits,) = model(torch.stack([x, greedy], dim=1), past_kv_cache=kv, mtp=True)
+            run.forwards += 1
+        else:
+            run.accepted += int(live.sum())
+        run.emit(greedy)
+        if run.finished:
+            break
+        x, draft = run.emit(logits[:, 1].argmax(-1)), mtp_logits[:, 1].argmax(-1)
 def _mtp_readout(drafts: torch.Tensor, new_tokens: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """Draft at step i predicts new token i+1: acceptance = the share of drafts that came true."""
     drafts = drafts.clone()
