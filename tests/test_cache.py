@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
+import v4lens
 import v4lens.lens as lens_mod
 from v4lens import V4ActivationCache
 from v4lens.cache import caching_hooks, is_entry_name, is_stream_name, position_axis, run_with_cache
@@ -314,3 +315,27 @@ def test_mtp_lens(tiny256, tokens_2x40, full):
     _, no_mtp = run_with_cache(tiny256, tokens_2x40, names_filter=is_stream_name)
     with pytest.raises(KeyError, match="mtp=True"):
         no_mtp.mtp_lens(0)
+
+
+# ---------------------------------------------------------------------- long inputs: disk offload
+def test_offload_dir_keeps_the_cache_on_disk(tiny256, tokens_2x40, full, tmp_path):
+    names = ["blocks.2.hook_streams_post", "blocks.1.attn.indexer.hook_topk", "blocks.2.attn.compressor.hook_kv",
+             "blocks.1.attn.hook_pattern"]  # fmt: skip
+    _, cache = run_with_cache(tiny256, tokens_2x40, mtp=True, names_filter=names, pos_slice=[3, 17, 39],
+                              offload_dir=tmp_path)  # fmt: skip
+    for name in names:
+        t = cache[name]
+        assert t.untyped_storage().filename == str(tmp_path / f"{name}.bin"), name  # memory-mapped, not in RAM
+        assert torch.equal(t, sliced(full[2], name, [3, 17, 39])), name
+    reopened = v4lens.open_offloaded(tmp_path, tiny256)
+    assert sorted(reopened.keys()) == sorted(names)
+    assert torch.equal(reopened.tokens, tokens_2x40) and reopened.positions.tolist() == [3, 17, 39]
+    assert torch.equal(reopened["streams_post", 2], cache["streams_post", 2])
+
+
+def test_long_input_recipe_stop_at_layer_and_no_logits(tiny256, tokens_2x40, full):
+    """What a 32k run does (benchmarks/bench_long_context.py): only the early blocks, no logits."""
+    out, cache = run_with_cache(tiny256, tokens_2x40, stop_at_layer=2, names_filter=is_stream_name, pos_slice=(30, 40))
+    assert out.shape == (B, S, 4, 64) and torch.equal(out, full[2]["blocks.2.hook_streams_pre"])
+    assert sorted(cache.keys()) == [f"blocks.{l}.hook_streams_{w}" for l in (0, 1) for w in ("mid", "post", "pre")]
+    assert torch.equal(cache["streams_post", 1], full[2]["blocks.1.hook_streams_post"][:, 30:40])

@@ -24,7 +24,10 @@ below use `position_axis` instead. Without a batch axis (`remove_batch_dim`) eve
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import einops
 import torch
@@ -83,12 +86,16 @@ def caching_hooks(
     remove_batch_dim: bool = False,
     cache: dict | None = None,
     pos_slice=None,
+    offload_dir=None,
 ) -> tuple[dict, list, list]:
     """TransformerLens's `get_caching_hooks`, slicing positions on each hook's real position axis.
 
     Returns (cache dict filled during the forward, forward hooks, backward hooks); same arguments as
     `HookedRootModule.get_caching_hooks`. An int `pos_slice` keeps a length-1 position axis, as
     TransformerLens does. Compressed-entry tensors are cached whole.
+    offload_dir: write each tensor, as its hook fires, to a file there and cache a memory-mapped
+    view of it (`open_offloaded` reopens the directory later): a long run's cache then lives in
+    the page cache, which the OS can evict, not in the process's memory.
 
     >>> cache_dict, fwd, _ = caching_hooks(model, names_filter=is_stream_name, pos_slice=[0, -1])
     >>> with model.hooks(fwd_hooks=fwd):
@@ -108,11 +115,41 @@ def caching_hooks(
         axis = position_axis(hook.name, has_batch_dim=not remove_batch_dim)
         if axis is not None and t.ndim > axis:
             t = pos_slice.apply(t, dim=axis)
-        cache[hook.name + ("_grad" if is_backward else "")] = t
+        name = hook.name + ("_grad" if is_backward else "")
+        cache[name] = t if offload_dir is None else _offload(t, Path(offload_dir), name)
 
     fwd = [(name, save_hook) for name in model.hook_dict if names_filter(name)]
     bwd = [(name, lambda t, hook: save_hook(t, hook, is_backward=True)) for name, _ in fwd] if incl_bwd else []
     return cache, fwd, bwd
+
+
+def _offload(t: torch.Tensor, directory: Path, name: str) -> torch.Tensor:
+    """Copy `t` into `directory/name.bin` and return the file's memory-mapped tensor; record it in index.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.bin"
+    path.unlink(missing_ok=True)  # from_file maps an existing file as it is: start from an empty one
+    mapped = torch.from_file(str(path), shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
+    mapped.copy_(t)
+    index_path = directory / "index.json"
+    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index[name] = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    index_path.write_text(json.dumps(index, indent=1))
+    return mapped
+
+
+def open_offloaded(directory, model, tokens=None, positions=None) -> V4ActivationCache:
+    """A `V4ActivationCache` over the tensors a run with `offload_dir=directory` wrote (memory-mapped
+    copy-on-write: edits stay in memory, the files are never changed), with the run's tokens and positions."""
+    directory = Path(directory)
+    index = json.loads((directory / "index.json").read_text())
+    tensors = {}
+    for name, meta in index.items():
+        dtype = getattr(torch, meta["dtype"])
+        n = math.prod(meta["shape"])
+        tensors[name] = torch.from_file(str(directory / f"{name}.bin"), shared=False, size=n, dtype=dtype).view(meta["shape"])
+    tokens = tensors.pop("tokens", None) if tokens is None else tokens
+    positions = tensors.pop("positions", None) if positions is None else positions
+    return V4ActivationCache(tensors, model, tokens=tokens, positions=positions)
 
 
 def _as_filter(names_filter):
@@ -140,6 +177,7 @@ def run_with_cache(
     reset_hooks_end: bool = True,
     clear_contexts: bool = False,
     pos_slice=None,
+    offload_dir=None,
     **model_kwargs,
 ):
     """Run `model(input, ...)` and cache activations: TransformerLens's `run_with_cache`, stream-aware.
@@ -148,19 +186,29 @@ def run_with_cache(
     is where the cache is stored (e.g. "cpu" while the model runs on a GPU). The cache also keeps
     the input tokens and, after `pos_slice`, which positions it holds, so the logit lens can find
     next-token targets. `HookedV4.run_with_cache` should be this function.
+    offload_dir: keep the cache on disk (memory-mapped files, see `caching_hooks`; reopen with
+    `open_offloaded`). Long inputs: combine with `names_filter`, `pos_slice` (any position subset,
+    4-D streams included), `stop_at_layer=L` (only blocks < L run) and `return_type=None` (no
+    [b, p, V] logits).
 
     >>> logits, cache = run_with_cache(model, "The capital of France is", device="cpu", pos_slice=-1)
     """
     tokens = model._validate_tokens(input)  # text -> tokens once, so the cache can keep them
     if remove_batch_dim and tokens.shape[0] != 1:
         raise ValueError(f"Cannot remove batch dimension from cache with batch size {tokens.shape[0]}")
-    cache_dict, fwd, bwd = caching_hooks(model, names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice)
+    cache_dict, fwd, bwd = caching_hooks(
+        model, names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice, offload_dir=offload_dir
+    )
     with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
         out = model(tokens, *model_args, **model_kwargs)
         if incl_bwd:
             out.backward()
     positions = None if pos_slice is None else torch.as_tensor(Slice.unwrap(pos_slice).indices(tokens.shape[1]))
     cache_tokens = tokens.to(device) if device is not None else tokens
+    if offload_dir is not None:  # so that open_offloaded can rebuild the whole cache
+        _offload(tokens.cpu(), Path(offload_dir), "tokens")
+        if positions is not None:
+            _offload(positions, Path(offload_dir), "positions")
     return out, V4ActivationCache(
         cache_dict,
         model,
