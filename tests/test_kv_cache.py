@@ -225,3 +225,15 @@ def test_stop_at_layer_returns_the_streams(model, tokens):
             torch.testing.assert_close(got, cache[f"blocks.{layer % 4}.hook_streams_pre"])
         _, early = model.run_with_cache(tokens, stop_at_layer=2)
     assert "blocks.1.hook_streams_post" in early.keys() and "blocks.2.hook_streams_pre" not in early.keys()
+
+
+def test_logits_to_keep_runs_the_heads_on_the_last_positions(model, tokens):
+    with torch.no_grad():
+        logits, (mtp,) = model(tokens, mtp=True)
+        last, (mtp_last,) = model(tokens, mtp=True, logits_to_keep=3)
+        _, cache = model.run_with_cache(tokens, logits_to_keep=1, names_filter="ln_final.hook_normalized")
+    torch.testing.assert_close(last, logits[:, -3:])
+    torch.testing.assert_close(mtp_last, mtp[:, -3:])
+    assert cache["ln_final.hook_normalized"].shape[1] == 1
+    with pytest.raises(ValueError, match="loss"):
+        model(tokens, return_type="loss", logits_to_keep=1)

@@ -134,8 +134,18 @@ def test_cli_run(capsys):
     assert cli_main(["run", "tiny", "--prompt", "Hi", "--chat", "--top-k", "2"]) == 0
 
 
+def test_cli_generate_streams_the_greedy_continuation(capsys):
+    for extra in ([], ["--speculative"]):
+        assert cli_main(["generate", "tiny", "--prompt", "Hello there", "--max-new-tokens", "5", "--dtype", "fp32", *extra]) == 0
+        captured = capsys.readouterr()
+        model = v4lens.load("tiny")
+        expected = model.generate("Hello there", 5)
+        assert captured.out == model.to_string(expected.new_tokens[0]) + "\n"
+        assert "5 tokens in" in captured.err
+
+
 def test_every_command_has_help(capsys):
-    for command in ([], ["slice"], ["info"], ["run"], ["viz"]):
+    for command in ([], ["slice"], ["info"], ["run"], ["generate"], ["viz"]):
         with pytest.raises(SystemExit) as exit_:
             cli_main([*command, "--help"])
         assert exit_.value.code == 0

@@ -65,6 +65,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top-k", type=int, default=10)
     run.set_defaults(run=_run)
 
+    gen = commands.add_parser("generate", help="generate text from a prompt, streaming tokens",
+                              description="Load a model and continue a prompt with the decoding cache, printing "
+                              "tokens as they come; greedy unless --temperature > 0; --speculative verifies the "
+                              "MTP head's drafts (same output as greedy, fewer forwards).")  # fmt: skip
+    _model_args(gen, positional=True)
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler")
+    gen.add_argument("--speculative", action="store_true", help="speculative decoding with the MTP head (greedy only)")
+    gen.set_defaults(run=_generate)
+
     viz = commands.add_parser("viz", help="export router, Sinkhorn, indexer and attention figures",
                               description="Run one prompt with the activation cache and export figures as "
                               "HTML (offline) and PNG, with an index.html linking them: routing and mHC for "
@@ -158,6 +173,25 @@ def _run(args) -> int:
     _print_top(model, logits[0, -1], args.top_k, "next token (position t+1)")
     for j, extra in enumerate(mtp_logits):
         _print_top(model, extra[0, -1], args.top_k, f"MTP depth {j} (token t+{2 + j}, after the greedy draft)")
+    return 0
+
+
+def _generate(args) -> int:
+    import time
+
+    model = _load_model(args)
+    tokens = _tokens(model, args)
+    start = time.perf_counter()
+    out = model.generate(
+        tokens, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.sample_seed, speculative=args.speculative,
+        stream=lambda ids: print(model.to_string(ids[:1]), end="", flush=True),
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    n = out.new_tokens.shape[1]
+    extra = f", MTP drafts kept {out.mtp_acceptance:.0%}" if out.mtp_acceptance is not None else ""
+    print()
+    print(f"[{n} tokens in {seconds:.1f} s, {out.forwards} forwards{extra}]", file=sys.stderr)
     return 0
 
 

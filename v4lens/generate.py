@@ -76,7 +76,8 @@ def generate(
     cache_steps: keep each step's `V4ActivationCache` (only `names_filter` hooks if given).
     use_cache: decode incrementally with a `V4KVCache` (prefill, then one token per step: the
     same logits as full forwards, each step costs O(window + top-k + entries)); then a step's
-    hooks and cache cover the new position only (the prefill: the prompt). use_cache=False runs
+    hooks and cache cover the new position only (the prefill: the prompt, the heads' hooks its
+    last position). use_cache=False runs
     the whole sequence every step (hooks see every position each time; cost grows as n²).
     mtp: also read the MTP head at each step and report its drafts and acceptance rate.
     speculative: greedy decoding that verifies the MTP head's draft of the token after next in the
@@ -110,11 +111,14 @@ def generate(
         else:
             feed = tokens
             while not run.finished:
+                # (with the cache only the last position's logits are needed: a long prompt's
+                # all-position logits would dominate the prefill's memory)
+                kwargs = dict(mtp=mtp, past_kv_cache=kv, logits_to_keep=1 if use_cache else 0)
                 if cache_steps:
-                    out, cache = model.run_with_cache(feed, mtp=mtp, names_filter=names_filter, past_kv_cache=kv)
+                    out, cache = model.run_with_cache(feed, names_filter=names_filter, **kwargs)
                     run.caches.append(cache)
                 else:
-                    out = model(feed, mtp=mtp, past_kv_cache=kv)
+                    out = model(feed, **kwargs)
                 run.forwards += 1
                 logits, mtp_logits = (out[0], out[1][0]) if mtp else (out, None)
                 if mtp:
@@ -176,7 +180,7 @@ def _speculate(model, run: _Run, kv: V4KVCache) -> None:
     """
     if run.finished:
         return
-    logits, (mtp_logits,) = model(run.tokens, past_kv_cache=kv, mtp=True)
+    logits, (mtp_logits,) = model(run.tokens, past_kv_cache=kv, mtp=True, logits_to_keep=1)
     run.forwards += 1
     x, draft = run.emit(logits[:, -1].argmax(-1)), mtp_logits[:, -1].argmax(-1)
     while not run.finished:

@@ -185,6 +185,7 @@ class HookedV4(HookedRootModule):
         loss_per_token: bool = False,
         past_kv_cache: V4KVCache | None = None,
         stop_at_layer: int | None = None,
+        logits_to_keep: int = 0,
     ):
         """Run the model.
 
@@ -200,9 +201,13 @@ class HookedV4(HookedRootModule):
         forward over the whole sequence; see `v4lens.kv_cache`).
         stop_at_layer: run blocks 0..stop_at_layer-1 only and return their output streams
         [b,p,n,d] (TransformerLens's option: cheap caching of early layers).
+        logits_to_keep: if > 0, run the head (and its hooks) on the last that many positions only
+        (transformers' option: a long prompt's [b, p, V] fp32 logits are 0.5 GB per 1k tokens).
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if logits_to_keep and return_type in ("loss", "both"):
+            raise ValueError("the loss needs the logits of every position: drop logits_to_keep")
         if stop_at_layer is not None and (past_kv_cache is not None or mtp):
             raise ValueError("stop_at_layer cannot be combined with past_kv_cache or mtp (later layers would not run)")
         tokens = self._validate_tokens(input)
@@ -226,14 +231,16 @@ class HookedV4(HookedRootModule):
                 past_kv_cache.length += S
             return None
 
-        logits = self._unembed(streams)
+        logits = self._unembed(streams[:, -logits_to_keep:] if logits_to_keep else streams)
         result = None
         if return_type == "logits":
             result = logits
         elif return_type is not None:
             loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
             result = loss if return_type == "loss" else (logits, loss)
-        mtp_logits = self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache) if mtp else None
+        mtp_logits = None
+        if mtp:
+            mtp_logits = self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep)
         if past_kv_cache is not None:
             past_kv_cache.length += S
             if mtp:
@@ -244,7 +251,7 @@ class HookedV4(HookedRootModule):
         h = self.ln_final(self.hc_head(streams))
         return self.hook_logits(fp32_logits(h, self.head.weight))
 
-    def _run_mtp(self, streams, tokens, logits, positions, next_tokens, cache=None) -> list[torch.Tensor]:
+    def _run_mtp(self, streams, tokens, logits, positions, next_tokens, cache=None, keep: int = 0) -> list[torch.Tensor]:
         if not len(self.mtp):
             raise ValueError("this model has no MTP blocks (cfg.n_mtp_layers = 0)")
         if cache is not None and len(self.mtp) > 1:
@@ -266,7 +273,7 @@ class HookedV4(HookedRootModule):
                 stream = block(stream, F.embedding(shifted, self.embed.weight), positions)
             else:
                 stream = self._cached_mtp(block, stream, tokens, shifted, positions, cache)
-            prev_logits = block.logits(stream, self.head.weight)[:, -S:]
+            prev_logits = block.logits(stream[:, -(keep or S) :], self.head.weight)
             out.append(prev_logits)
         return out
 
