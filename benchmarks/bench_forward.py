@@ -26,12 +26,26 @@ Reported per dtype and sequence length:
 bf16, 1k-8k) for v4lens and transformers, and reports the growth exponent and the
 v4lens/transformers memory ratio at the longest length.
 
+`--chunk-len N` prefills lengths above `--chunk-above` (default N) chunk by chunk through the
+incremental cache (`model(chunk, past_kv_cache=V4KVCache())`, needs `v4lens.kv_cache`), keeping
+only the last position's logits: long prompts without logits for every position. Such rows are
+labelled "chunked prefill (chunk N)"; each such worker first checks the chunked last-position
+logits against one full forward on the warm-up tokens.
+
+`--device cuda` runs everything on the GPU (`torch.cuda.synchronize()` around every timing) and
+first checks CUDA against CPU logits on the same weights (`--check-len` tokens, CPU fp32 as the
+reference; tolerances and their justification at FP32_REL_TOL below); a failure is reported
+and makes the script exit 1.
+
 Examples (see benchmarks/README.md):
 
     python benchmarks/bench_forward.py --preset tiny --lengths 64,128 --dtypes fp32,bf16
     python benchmarks/bench_forward.py --preset mini-3b --dtypes bf16 \\
         --lengths 1024,2048,4096,8192 --hf-max-len 4096 --cache-max-len 4096 --out results.md
     python benchmarks/bench_forward.py --scaling --out scaling.md
+    python benchmarks/bench_forward.py --preset mini-3b --lengths 8192,32768 --chunk-len 4096 \
+        --hf-max-len 4096 --no-stripped
+    python benchmarks/bench_forward.py --device cuda --preset mini-3b --lengths 1024,4096
 """
 
 from __future__ import annotations
@@ -220,6 +234,123 @@ def check_stripping(model, tokens) -> dict:
     return out
 
 
+# ============================================================================ CUDA vs CPU check
+# Tolerances of the CUDA-vs-CPU logits check (--device cuda), against CPU fp32 logits:
+#
+# * CUDA fp32: the same arithmetic as the CPU (TF32 is switched off for the check), only the
+#   order of the reductions differs (~1e-7 relative per op). A rare MoE routing flip at a
+#   near-tie can still move one token's logits by a few per cent, hence a norm-wise relative
+#   error below 5e-3 and top-1 agreement of at least 98 % rather than bit-level bounds.
+# * CUDA bf16: bf16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3); rounded at every
+#   op through a few dozen layers, logits of a trained model typically end 1-3 % off, so a
+#   relative error below 5e-2 with top-1 agreement of at least 90 % leaves headroom while a real
+#   bug (a wrong kernel, a lost fp32 island, mis-scaled rotary) shows as an O(1) error. But
+#   random-init weights have nearly flat logits (max |logit| ~4 on mini-3b) and bf16 noise flips
+#   their MoE routing: two correct bf16 implementations on the CPU agree on only ~30 % of argmaxes
+#   there (benchmarks/results/mini3b_bf16.md). So the same bf16 weights are also run on the CPU,
+#   and the CUDA bf16 bounds widen to what bf16 itself costs on the CPU: relative error up to
+#   max(5e-2, 2 x CPU bf16's) and top-1 agreement down to min(0.9, CPU bf16's - 0.1).
+FP32_REL_TOL, FP32_TOP1_MIN = 5e-3, 0.98
+BF16_REL_TOL, BF16_TOP1_MIN = 5e-2, 0.90
+
+
+def _logits_diff(test, ref) -> dict:
+    """How far `test` logits [b, p, V] are from `ref` (both fp32 on the CPU)."""
+    d = test - ref
+    return {
+        "max_abs_diff": float(d.abs().max()),
+        "max_abs_ref": float(ref.abs().max()),
+        "rel_err": float(d.norm() / ref.norm().clamp_min(1e-30)),
+        "top1_agreement": float((test.argmax(-1) == ref.argmax(-1)).float().mean()),
+    }
+
+
+def device_check_worker(spec: dict) -> None:
+    """Same weights, same `check_len` random tokens: logits on the CPU (fp32, then bf16) and on
+    CUDA (fp32, then bf16), compared with the CPU fp32 logits; fails (after reporting) outside
+    the tolerances above. The model is built once on the CPU in fp32 and moved with `.to`, so
+    every run sees exactly the same (rounded) weights."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import v4lens
+
+    # spec["check_device"] = "cpu" runs this whole code path without a GPU (a test of the script only)
+    cuda = torch.device(spec.get("check_device", "cuda"))
+    on_gpu = cuda.type == "cuda"
+    if on_gpu:
+        check_cuda("cuda")
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (TF32 would cost ~1e-3)
+        torch.backends.cudnn.allow_tf32 = False
+    t0 = time.perf_counter()
+    model = v4lens.load(spec["preset"], device="cpu", dtype=torch.float32, seed=spec["seed"], **spec["overrides"])
+    load_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    lo = min(3, model.cfg.d_vocab - 1)
+    tokens = torch.randint(lo, model.cfg.d_vocab, (1, spec["length"]), generator=gen)
+    logits = {}
+    with torch.inference_mode():
+        logits["cpu fp32"] = model(tokens).float()
+        model.to(cuda)
+        logits["cuda fp32"] = model(tokens.to(cuda)).float().cpu()
+        model.to(torch.bfloat16)
+        logits["cuda bf16"] = model(tokens.to(cuda)).float().cpu()
+        model.to("cpu")
+        if on_gpu:
+            torch.cuda.empty_cache()
+        logits["cpu bf16"] = model(tokens).float()
+    ref = logits["cpu fp32"]
+    diffs = {k: _logits_diff(v, ref) for k, v in logits.items() if k != "cpu fp32"}
+    diffs["cuda bf16 vs cpu bf16"] = _logits_diff(logits["cuda bf16"], logits["cpu bf16"])
+    base = diffs["cpu bf16"]
+    bf16_rel = max(BF16_REL_TOL, 2 * base["rel_err"])
+    bf16_top1 = min(BF16_TOP1_MIN, base["top1_agreement"] - 0.1)
+    verdict = {
+        "cuda fp32": diffs["cuda fp32"]["rel_err"] < FP32_REL_TOL and diffs["cuda fp32"]["top1_agreement"] >= FP32_TOP1_MIN,
+        "cuda bf16": diffs["cuda bf16"]["rel_err"] < bf16_rel and diffs["cuda bf16"]["top1_agreement"] >= bf16_top1,
+    }  # fmt: skip
+    result = {
+        "tokens": int(tokens.shape[1]),
+        "load_s": load_s,
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else f"no GPU: '{cuda}' stood in for CUDA (script test)",
+        "diffs": diffs,
+        "tolerances": {
+            "cuda fp32": {"rel_err_below": FP32_REL_TOL, "top1_at_least": FP32_TOP1_MIN},
+            "cuda bf16": {"rel_err_below": bf16_rel, "top1_at_least": bf16_top1},
+        },
+        "verdict": verdict,
+        "ok": all(verdict.values()),
+    }
+    _emit("device_check", **result)
+    if not result["ok"]:
+        raise SystemExit("CUDA vs CPU logits check FAILED: " + "; ".join(device_check_lines(result)))
+    _emit("done")
+
+
+def device_check_lines(check: dict) -> list[str]:
+    """One line per comparison of a device_check result (for the log and the report's Checks)."""
+    out = []
+    for key, d in check["diffs"].items():
+        tol = check["tolerances"].get(key)
+        against = "" if " vs " in key else " vs cpu fp32"
+        line = (
+            f"{key}{against}: rel. error {d['rel_err']:.2e}, max |Δ| {d['max_abs_diff']:.3g} "
+            f"(max |logit| {d['max_abs_ref']:.3g}), top-1 agreement {d['top1_agreement']:.1%}"
+        )
+        if tol:
+            ok = check["verdict"][key]
+            line += (
+                f": {'OK' if ok else 'FAILED'} (needs rel. error < {tol['rel_err_below']:.2g}, "
+                f"top-1 ≥ {tol['top1_at_least']:.0%})"
+            )
+        elif key == "cpu bf16":
+            line += " (the bf16 baseline the CUDA bf16 bounds scale with)"
+        else:
+            line += " (informational)"
+        out.append(line)
+    return out
+
+
 # ============================================================================ worker
 def _emit(kind: str, **payload) -> None:
     print(MARK + json.dumps({"kind": kind, **payload}), flush=True)
@@ -237,9 +368,30 @@ def _cache_bytes(cache) -> tuple[int, int]:
     return total, len(cache.cache_dict)
 
 
+def chunked_prefill(model, tokens, chunk_len: int):
+    """Prefill `tokens` chunk by chunk through an incremental `V4KVCache`; only the last
+    position's logits [b, V] are kept (each chunk's logits are dropped before the next chunk)."""
+    try:
+        from v4lens.kv_cache import V4KVCache
+    except ImportError as e:
+        raise SystemExit(
+            f"chunked prefill (--chunk-len) needs v4lens.kv_cache (the incremental KV/compressor cache "
+            f"API, `model(chunk, past_kv_cache=V4KVCache())`), which this v4lens does not have: {e}"
+        ) from None
+    cache, last = V4KVCache(), None
+    for part in tokens.split(chunk_len, dim=1):
+        logits = model(part, past_kv_cache=cache)
+        last = logits[:, -1].clone()
+        del logits
+    return last
+
+
 def run_worker(spec: dict) -> None:
     import torch
 
+    if spec["job"] == "device-check":
+        device_check_worker(spec)
+        return
     torch.set_num_threads(spec["threads"])
     import v4lens
     from v4lens.config import resolve_dtype
@@ -304,6 +456,22 @@ def run_worker(spec: dict) -> None:
                 return model.run_with_cache(tokens)
 
             model.run_with_cache(warm)  # warm-up
+        elif spec.get("chunk_len"):
+            chunk = spec["chunk_len"]
+
+            def fn():
+                return chunked_prefill(model, tokens, chunk)
+
+            # warm-up through the cache in (at least) two chunks, and check it against a full forward
+            warm_chunk = max(1, min(chunk, warm.shape[1] // 2))
+            got = chunked_prefill(model, warm, warm_chunk).float()
+            want = model(warm)[:, -1].float()
+            d = got - want
+            _emit("chunk_check", tokens=int(warm.shape[1]), chunk=warm_chunk,
+                  max_abs_diff=float(d.abs().max()), max_abs_logit=float(want.abs().max()),
+                  rel_err=float(d.norm() / want.norm().clamp_min(1e-30)),
+                  argmax_agreement=float((got.argmax(-1) == want.argmax(-1)).float().mean()))  # fmt: skip
+            del got, want, d
         else:
 
             def fn():
@@ -348,7 +516,7 @@ def run_worker(spec: dict) -> None:
 
             def stripped():
                 with strip_hook_points(model):
-                    return model(tokens)
+                    return fn()
 
             for r in range(spec["repeat"]):
                 order = [("idle", fn), ("stripped", stripped)]
@@ -471,9 +639,10 @@ def _other_cores(a, b, wall) -> float | None:
     return max(0.0, ((b[0] - a[0]) - (b[1] - a[1])) / wall)
 
 
-def run_job(spec: dict, args, log) -> dict:
-    """Run one worker; watch its RSS (kill above --max-rss-gb) and its time (kill after --job-timeout)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+def run_job(spec: dict, args, log, script: str | Path | None = None) -> dict:
+    """Run one worker (`script --worker SPEC`, default this file); watch its RSS (kill above
+    --max-rss-gb) and its time (kill after --job-timeout)."""
+    cmd = [sys.executable, str(Path(script or __file__).resolve()), "--worker", json.dumps(spec)]
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(REPO))
     if str(REPO) not in env["PYTHONPATH"].split(os.pathsep):
@@ -493,6 +662,11 @@ def run_job(spec: dict, args, log) -> dict:
                     )
                 elif ev["kind"] == "loaded":
                     log(f"    loaded in {ev['load_s']:.1f} s, baseline {fmt_bytes(ev['base_mem'])}")
+                elif ev["kind"] == "device_check":
+                    for line in device_check_lines(ev):
+                        log("    " + line)
+                elif ev["kind"] == "unsupported":
+                    log(f"    unsupported: {ev['reason']}")
 
     def read_err():
         for line in proc.stderr:
@@ -552,17 +726,22 @@ def build_jobs(args) -> list[dict]:
         "preset": args.preset, "overrides": args.overrides, "batch": args.batch, "repeat": args.repeat,
         "warmup_len": args.warmup_len, "threads": args.threads, "device": args.device, "seed": args.seed,
     }  # fmt: skip
+    if args.device_check:  # first: a broken CUDA path should show before the long runs
+        jobs.append(dict(common, job="device-check", dtype="fp32+bf16", length=args.check_len))
     for dtype in args.dtypes:
         for length in args.lengths:
             base = dict(common, dtype=dtype, length=length)
-            jobs.append(dict(base, job="v4lens", stripped=args.stripped))
+            chunk = chunk_of(length, args.chunk_len, args.chunk_above)
+            jobs.append(dict(base, job="v4lens", stripped=args.stripped, chunk_len=chunk))
             if args.hf:
                 if args.hf_max_len and length > args.hf_max_len:
                     jobs.append(dict(base, job="hf", skip=f"skipped (> --hf-max-len {args.hf_max_len})"))
                 else:
                     jobs.append(dict(base, job="hf"))
             if args.cache:
-                if args.cache_max_len and length > args.cache_max_len:
+                if chunk:
+                    jobs.append(dict(base, job="v4lens-cache", skip="skipped (chunked prefill: no run_with_cache)"))
+                elif args.cache_max_len and length > args.cache_max_len:
                     jobs.append(
                         dict(base, job="v4lens-cache", skip=f"skipped (> --cache-max-len {args.cache_max_len})")
                     )
@@ -572,6 +751,12 @@ def build_jobs(args) -> list[dict]:
 
 
 # ============================================================================ summaries
+def device_check_summary(job: dict) -> dict:
+    """The device-check worker's result: its status and the comparison it emitted (if it got that far)."""
+    check = next((e for e in job.get("events", []) if e["kind"] == "device_check"), None)
+    return {"status": job["status"], "check": check, "stderr_tail": job.get("stderr_tail")}
+
+
 def summarise(job: dict, max_rss_gb) -> dict:
     """Per job: best (min) time per mode, max peak per mode, and why it is missing if it is."""
     out = {"status": job["status"], "modes": {}}
@@ -581,6 +766,7 @@ def summarise(job: dict, max_rss_gb) -> dict:
     out["parity"] = loaded.get("parity") if loaded else None
     check = next((e for e in job.get("events", []) if e["kind"] == "strip_check"), None)
     out["strip_check"] = check
+    out["chunk_check"] = next((e for e in job.get("events", []) if e["kind"] == "chunk_check"), None)
     for e in job.get("events", []):
         if e["kind"] != "run":
             continue
@@ -601,7 +787,11 @@ def summarise(job: dict, max_rss_gb) -> dict:
     elif job["status"] == "timeout":
         out["why"], out["note"] = "timeout", "timeout: the worker ran past --job-timeout"
     elif job["status"] == "error":
-        out["why"], out["note"] = "error", "error: the worker failed (see stderr_tail in the JSON report)"
+        last = next((line.strip() for line in reversed(job.get("stderr_tail") or []) if line.strip()), "")
+        out["why"] = "error"
+        out["note"] = (
+            "error: the worker failed" + (f": {last[:300]}" if last else "") + " (stderr_tail in the JSON report)"
+        )
     elif job["status"].startswith("skipped"):
         out["why"], out["note"] = "skipped", job["status"].replace("skipped (", "skipped: ").rstrip(")")
     return out
@@ -651,11 +841,11 @@ def _get(s, mode, key):
     return s["modes"][mode][key]
 
 
-def _table(columns, rows) -> list[str]:
-    """Markdown table: columns are (header, fn(length, row, tokens) -> str, tag)."""
+def _table(columns, rows, label=str) -> list[str]:
+    """Markdown table: columns are (header, fn(length, row, tokens) -> str, tag); label(length) is the first cell."""
     out = ["| seq len | " + " | ".join(c[0] for c in columns) + " |", "|---:|" + "---:|" * len(columns)]
     for n, row, tok in rows:
-        out.append(f"| {n} | " + " | ".join(c[1](n, row, tok) for c in columns) + " |")
+        out.append(f"| {label(n)} | " + " | ".join(c[1](n, row, tok) for c in columns) + " |")
     return out + [""]
 
 
@@ -707,10 +897,11 @@ def _hook_columns():
     ]  # fmt: skip
 
 
-def render(report: dict) -> str:
+def header_lines(report: dict, title: str, protocol: str) -> list[str]:
+    """The report's title and its machine / software / model / protocol / date lines (shared with
+    bench_decode.py)."""
     args, mach, cfg = report["args"], report["machine"], report["config"]
     L = []
-    title = "Memory scaling" if args["scaling"] else "Forward-pass benchmark"
     L.append(f"# v4lens {title}: {cfg['preset']}{' ' + cfg['overrides_text'] if cfg['overrides_text'] else ''}\n")
     v = mach["versions"]
     L.append(
@@ -727,11 +918,7 @@ def render(report: dict) -> str:
         f"- model: {cfg['preset']} ({pc['total'] / 1e9:.3f} B params, {pc['active'] / 1e9:.3f} B active), "
         f"{cfg['n_layers']} layers, compress ratios {cfg['compress_ratios']}; batch {args['batch']}, random tokens (seed {args['seed']})"
     )
-    L.append(
-        f"- protocol: fresh worker process per configuration, `torch.inference_mode()`, warm-up on "
-        f"{args['warmup_len']} tokens, best of {args['repeat']} timed run(s); peak memory = {report['mem_method']} "
-        f"minus the memory just before the run (after load + warm-up); transformers with `use_cache=False`, eager attention"
-    )
+    L.append(f"- protocol: {protocol}")
     others = [j["other_processes_cores"] for j in report["jobs"] if j.get("other_processes_cores") is not None]
     L.append(
         f"- date {mach['date']}; total wall time {report['wall_s'] / 60:.1f} min"
@@ -747,6 +934,18 @@ def render(report: dict) -> str:
             "times (and the small ratios) are unreliable; rerun on a quiet machine"
         )
     L.append("")
+    return L
+
+
+def render(report: dict) -> str:
+    args = report["args"]
+    title = "Memory scaling" if args["scaling"] else "Forward-pass benchmark"
+    protocol = (
+        f"fresh worker process per configuration, `torch.inference_mode()`, warm-up on "
+        f"{args['warmup_len']} tokens, best of {args['repeat']} timed run(s); peak memory = {report['mem_method']} "
+        f"minus the memory just before the run (after load + warm-up); transformers with `use_cache=False`, eager attention"
+    )
+    L = header_lines(report, title, protocol)
 
     S = report["summary"]  # (dtype, length) -> {"v4lens": .., "hf": .., "v4lens-cache": ..}
     if args["scaling"]:
@@ -757,8 +956,12 @@ def render(report: dict) -> str:
             L.append(f"## {dtype}\n")
             rows = [(n, S[f"{dtype}/{n}"], n * args["batch"]) for n in args["lengths"]]
             title = "v4lens vs transformers" if args["hf"] else "v4lens (transformers skipped)"
-            L.append(f"### {title} (plain forward, logits for every position)\n")
-            L += _table([c for c in _compare_columns() if args["hf"] or not c[2]], rows)
+            how = "plain forward, logits for every position"
+            if any(chunk_of(n, args.get("chunk_len"), args.get("chunk_above")) for n in args["lengths"]):
+                how += "; chunked rows: v4lens last-position logits only"
+            L.append(f"### {title} ({how})\n")
+            label = lambda n: len_label(n, args)
+            L += _table([c for c in _compare_columns() if args["hf"] or not c[2]], rows, label)
             if args["cache"] or args["stripped"]:
                 L.append("### v4lens hook overhead\n")
                 L += _table(
@@ -768,6 +971,7 @@ def render(report: dict) -> str:
                         if (args["cache"] or c[2] != "cache") and (args["stripped"] or c[2] != "strip")
                     ],
                     rows,
+                    label,
                 )
     L += render_checks(report)
     return "\n".join(L) + "\n"
@@ -793,13 +997,20 @@ def render_summary(report) -> list[str]:
     for dtype in args["dtypes"]:
         for n in args["lengths"]:
             row, tok = S[f"{dtype}/{n}"], n * args["batch"]
-            L.append(f"| {dtype} | {n} | " + " | ".join(c[1](n, row, tok) for c in cols) + " |")
+            L.append(f"| {dtype} | {len_label(n, args)} | " + " | ".join(c[1](n, row, tok) for c in cols) + " |")
     return L + [""]
 
 
 def render_checks(report) -> list[str]:
-    S = report["summary"]
+    S, args = report["summary"], report["args"]
     notes = sorted({s["note"] for row in S.values() for s in row.values() if s and s.get("note")})
+    if any(chunk_of(n, args.get("chunk_len"), args.get("chunk_above")) for n in args["lengths"]):
+        notes.append(
+            f"chunked prefill (chunk {args['chunk_len']}): lengths above {args['chunk_above']} run v4lens as "
+            "`model(chunk, past_kv_cache=cache)` over the chunks of one `V4KVCache`, keeping only the last "
+            "chunk's last-position logits (fp32 [b, V]); transformers, where it ran, still returns every "
+            "position's logits (one forward), so its column is not the same work"
+        )
     L = ["## Notes\n"] + [f"- {n}" for n in notes] + [""] if notes else []
     checks_at = len(L)
     L.append("## Checks\n")
@@ -818,6 +1029,29 @@ def render_checks(report) -> list[str]:
             f"(max |logit| {max(p['max_abs_logit'] for p in ps):.3g}), argmax agreement "
             f"{min(p['argmax_agreement'] for p in ps):.1%}"
         )
+    chunk_checks = [s["chunk_check"] for row in S.values() for s in [row.get("v4lens")] if s and s.get("chunk_check")]
+    if chunk_checks:
+        c = max(chunk_checks, key=lambda c: c["rel_err"])
+        L.append(
+            f"- chunked prefill vs one forward ({len(chunk_checks)} worker(s), last-position logits of the "
+            f"{c['tokens']} warm-up tokens in chunks of {c['chunk']}): worst rel. error {c['rel_err']:.2e}, "
+            f"max |Δ| {c['max_abs_diff']:.3g} (max |logit| {c['max_abs_logit']:.3g}), argmax agreement "
+            f"{min(x['argmax_agreement'] for x in chunk_checks):.0%}"
+        )
+    dc = report.get("device_check")
+    if dc:
+        if dc.get("check"):
+            c = dc["check"]
+            L.append(
+                f"- CUDA vs CPU logits ({c['gpu']}, same weights built on the CPU in fp32 and moved, {c['tokens']} "
+                f"random tokens): {'OK' if c['ok'] else '**FAILED**'}"
+            )
+            L += [f"  - {line}" for line in device_check_lines(c)]
+        else:
+            last = next((x.strip() for x in reversed(dc.get("stderr_tail") or []) if x.strip()), "")
+            L.append(
+                f"- CUDA vs CPU logits: **{dc['status']}**{': ' + last[:300] if last else ''} (stderr_tail in the JSON report)"
+            )
     checks = [(k, s["strip_check"]) for k, row in S.items() for s in [row.get("v4lens")] if s and s.get("strip_check")]
     if checks:
         ok = all(c["ok"] for _, c in checks)
@@ -865,7 +1099,7 @@ def render_scaling(report) -> list[str]:
                 if p:
                     pts[impl].append((n, p))
             L.append(
-                f"| {n} | {_cell(v4, 'forward', 'peak', n)} | {marginal(pts['v4lens'], n, vp)} "
+                f"| {len_label(n, args)} | {_cell(v4, 'forward', 'peak', n)} | {marginal(pts['v4lens'], n, vp)} "
                 f"| {_cell(hf, 'forward', 'peak', n)} | {marginal(pts['hf'], n, hp)} "
                 f"| {_ratio_cell(vp, hp, (hf or {}).get('peak_lower_bound'))} "
                 f"| {_cell(v4, 'forward', 'time', n)} | {_cell(hf, 'forward', 'time', n)} |"
@@ -937,6 +1171,13 @@ def parse_args(argv=None):
         "--cache-max-len", type=int, help="skip run_with_cache above this length (it stores every activation)"
     )
     p.add_argument("--no-stripped", action="store_true", help="do not time idle vs stripped hook points")
+    p.add_argument("--chunk-len", type=int,
+                   help="v4lens: prefill lengths above --chunk-above chunk by chunk (chunks of N tokens) through "
+                        "the incremental cache (v4lens.kv_cache), keeping only the last position's logits")  # fmt: skip
+    p.add_argument("--chunk-above", type=int, help="with --chunk-len: chunk lengths above this (default: --chunk-len)")
+    p.add_argument("--check-len", type=int, default=256,
+                   help="--device cuda: tokens of the CUDA-vs-CPU logits check (default 256)")  # fmt: skip
+    p.add_argument("--no-device-check", action="store_true", help="--device cuda: skip the CUDA-vs-CPU logits check")
     p.add_argument("--max-rss-gb", type=float, help="kill a worker whose RSS exceeds this (default 75%% of RAM)")
     p.add_argument(
         "--job-timeout", type=float, default=3600, help="kill a worker after this many seconds (default 3600)"
@@ -963,6 +1204,13 @@ def parse_args(argv=None):
     for d in args.dtypes:
         resolve_dtype(d)  # fail early on a typo
     args.hf = not args.skip_hf
+    if args.chunk_len is not None and args.chunk_len < 1:
+        raise SystemExit("--chunk-len must be at least 1")
+    if args.chunk_above is not None and args.chunk_len is None:
+        raise SystemExit("--chunk-above needs --chunk-len")
+    if args.chunk_len and args.chunk_above is None:
+        args.chunk_above = args.chunk_len
+    args.device_check = args.device == "cuda" and not args.no_device_check
     args.cache = not (args.no_cache or args.scaling)
     args.stripped = not (args.no_stripped or args.scaling)
     if args.threads is None:
@@ -974,13 +1222,31 @@ def parse_args(argv=None):
         except (OSError, StopIteration):
             total = None
         args.max_rss_gb = round(0.75 * total / 2**30, 1) if total else 0
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    check_cuda(args.device)
     args.overrides = config_overrides(args)
     return args
+
+
+def check_cuda(device: str) -> None:
+    """Fail early, with a clear message, when --device cuda cannot work here."""
+    if device != "cuda":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+        raise SystemExit(f"--device cuda: torch.cuda.is_available() is False ({why}; torch {torch.__version__})")
+
+
+def chunk_of(length: int, chunk_len: int | None, chunk_above: int | None) -> int | None:
+    """The chunk size this length is prefilled with (--chunk-len above --chunk-above), else None."""
+    return chunk_len if chunk_len and length > (chunk_above or chunk_len) else None
+
+
+def len_label(length: int, args: dict) -> str:
+    """The seq-len cell: the length, and how it was run when that is not one plain forward."""
+    chunk = chunk_of(length, args.get("chunk_len"), args.get("chunk_above"))
+    return f"{length} — chunked prefill (chunk {chunk})" if chunk else str(length)
 
 
 def main(argv=None) -> int:
@@ -995,6 +1261,11 @@ def main(argv=None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg = v4lens.preset(args.preset, **args.overrides)
     jobs = build_jobs(args)
+    if args.chunk_len:
+        import importlib.util
+
+        if importlib.util.find_spec("v4lens.kv_cache") is None:
+            log("note: --chunk-len needs v4lens.kv_cache, which this v4lens does not have: the chunked rows will fail")
     results = []
     for i, spec in enumerate(jobs, 1):
         label = f"[{i}/{len(jobs)}] {spec['job']:<12} {spec['dtype']:>5} L={spec['length']}"
@@ -1006,8 +1277,12 @@ def main(argv=None) -> int:
         results.append(run_job(spec, args, log))
 
     summary: dict[str, dict] = {}
+    device_check = None
     for r in results:
         s = r["spec"]
+        if s["job"] == "device-check":
+            device_check = device_check_summary(r)
+            continue
         summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise(r, args.max_rss_gb)
     mem_method = next((e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory")
     report = {
@@ -1024,6 +1299,7 @@ def main(argv=None) -> int:
         "mem_method": mem_method,
         "jobs": results,
         "summary": summary,
+        "device_check": device_check,
         "wall_s": time.perf_counter() - t_start,
     }
     text = render(report)

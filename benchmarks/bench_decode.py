@@ -1,0 +1,487 @@
+#!/usr/bin/env python
+"""Decode benchmark: greedy generation speed of v4lens against transformers, same weights.
+
+Both models are built as in bench_forward.py (`v4lens.load(preset)`, then
+`v4lens.hf.hf_model_like`: the same seeded random weights) and continue the same random prompt
+greedily, each in its own fresh worker process (this script re-invoked with `--worker`):
+
+* v4lens: `model.generate(tokens, max_new_tokens=N, stop_at_eos=False)` — whatever `generate`
+  does by default in the installed v4lens (the report's header says which: one full forward per
+  new token, or the incremental KV/compressor cache once `use_cache=True` exists);
+* transformers: `hf.generate(tokens, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+  use_cache=True)` (eager attention, its own cache);
+* with `--speculative`: v4lens `model.generate(..., speculative=True)` (MTP speculative
+  decoding) in a third worker, with its acceptance rate (`result.mtp_acceptance`) and whether it
+  produced exactly the plain greedy tokens. A v4lens without that keyword is reported as
+  "unsupported" (its `generate` raises TypeError), not as a failure.
+
+How prefill and decode are separated: each worker times `generate(prompt, 1 new token)` and
+`generate(prompt, N new tokens)` (alternating their order over `--repeat`, best time of each).
+The 1-token run is the prefill: the prompt's forward and the first new token (time to first
+token, including `generate`'s own set-up). The N-token run does the same prefill plus N − 1 decode
+steps, so
+
+    decode tok/s = batch × (N − 1) / (t(N) − t(1))
+
+counts only tokens made by decode steps and only the time they took; the set-up, the prefill
+and the first token cancel out. (A streaming callback would time the steps inside one call, but
+transformers and v4lens stream differently and a CUDA sync per token would slow both down.)
+Peak memory is that of the N-token run (prefill activations + the cache grown over N tokens), on
+CPU as peak RSS over the RSS before the call, on CUDA `torch.cuda.max_memory_allocated()` over the
+allocated memory before it (see bench_forward.py).
+
+"same greedy tokens" compares the two continuations position by position: matching positions
+out of N, and the length of the common prefix (after a first difference the two sequences
+continue from different contexts, so later mismatches are expected). In fp32 they should be
+identical; in bf16 near-ties of random-init logits can flip.
+
+On `--device cuda` a separate worker first checks CUDA against CPU logits on the same weights
+(bench_forward.py's check, `--check-len` tokens; tolerances justified there).
+
+Examples (see benchmarks/README.md):
+
+    python benchmarks/bench_decode.py --preset tiny --prompt-lengths 64 --new-tokens 8
+    python benchmarks/bench_decode.py --preset mini-3b --dtypes bf16 --prompt-lengths 1024,4096 \\
+        --new-tokens 32 --speculative --out benchmarks/results/decode_mini3b_bf16.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # bench_forward.py sits next to this file
+    sys.path.insert(0, str(HERE))
+
+import bench_forward as bf  # memory probes, worker orchestration, report header, formatting
+
+REPO = bf.REPO
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+# ============================================================================ worker
+def generate_mode() -> str:
+    """What the installed v4lens's `generate` does per new token, read from its signature."""
+    import inspect
+
+    from v4lens.generate import generate
+
+    params = inspect.signature(generate).parameters
+    if "use_cache" not in params:
+        return "one full forward of the whole sequence per new token (this v4lens has no incremental cache)"
+    default = params["use_cache"].default
+    if default is True:
+        return "incremental KV/compressor cache (`use_cache=True`, its default)"
+    return f"one full forward per new token (`use_cache={default!r}` by default)"
+
+
+def has_speculative() -> bool:
+    import inspect
+
+    from v4lens.generate import generate
+
+    params = inspect.signature(generate).parameters
+    return "speculative" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def run_worker(spec: dict) -> None:
+    import torch
+
+    if spec["job"] == "device-check":
+        bf.device_check_worker(spec)
+        return
+    torch.set_num_threads(spec["threads"])
+    import v4lens
+    from v4lens.config import resolve_dtype
+
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    probe = bf.CudaPeak() if cuda else bf.HostPeak()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    job, n_new = spec["job"], spec["new_tokens"]
+    dtype = resolve_dtype(spec["dtype"])
+    t0 = time.perf_counter()
+    model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
+    hf = None
+    if job == "hf":
+        from v4lens.hf import hf_model_like
+
+        hf = hf_model_like(model, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+
+    # the same prompt in every worker (and the same tokens as bench_forward.py for the same seed)
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    lo = min(3, model.cfg.d_vocab - 1)
+    tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
+    warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
+
+    with torch.inference_mode():
+        parity = None
+        if job == "hf":
+            ours = model(warm).float()
+            theirs = hf(input_ids=warm, use_cache=False).logits.float()
+            parity = {
+                "max_abs_diff": float((ours - theirs).abs().max()),
+                "max_abs_logit": float(ours.abs().max()),
+                "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+                "tokens": int(warm.shape[1]),
+            }
+            pad = model.cfg.pad_token_id
+            del ours, theirs, model  # measure transformers alone
+            gc.collect()
+            bf._malloc_trim()
+            if cuda:
+                torch.cuda.empty_cache()
+
+            def generate(toks, n):
+                out = hf.generate(
+                    toks, attention_mask=torch.ones_like(toks), max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, use_cache=True, pad_token_id=pad,
+                )  # fmt: skip
+                return out[:, toks.shape[1] :], None
+        else:
+            extra = {"speculative": True} if job == "v4lens-spec" else {}
+
+            def generate(toks, n):
+                r = model.generate(toks, max_new_tokens=n, stop_at_eos=False, **extra)
+                return r.new_tokens, getattr(r, "mtp_acceptance", None)
+
+        # warm-up: a prefill and one decode step on a short prompt (and the speculative guard)
+        try:
+            generate(warm, 2)
+        except TypeError as e:
+            if job == "v4lens-spec" and "speculative" in str(e):
+                bf._emit(
+                    "unsupported",
+                    reason="speculative decoding: this v4lens's model.generate has no `speculative` keyword "
+                    f"(MTP speculative decoding not implemented yet): {e}",
+                )
+                bf._emit("done")
+                return
+            raise
+
+        sync()
+        gc.collect()
+        bf._malloc_trim()
+        base_mem = torch.cuda.memory_allocated() if cuda else bf._proc_status("VmRSS")
+        bf._emit("loaded", load_s=load_s, base_mem=base_mem, parity=parity, mem_method=probe.method,
+                 threads=torch.get_num_threads(), generate_mode=generate_mode() if job != "hf" else None)  # fmt: skip
+
+        for r in range(spec["repeat"]):
+            for n in (1, n_new) if r % 2 == 0 else (n_new, 1):
+                probe.start()
+                sync()
+                t0 = time.perf_counter()
+                new, acceptance = generate(tokens, n)
+                sync()
+                dt = time.perf_counter() - t0
+                peak = probe.stop()
+                info = {}
+                if n == n_new:
+                    info = {"acceptance": acceptance, "n_generated": int(new.shape[1])}
+                    if r == 0:
+                        info["tokens"] = new.tolist()
+                bf._emit("run", mode="prefill" if n == 1 else "generate", rep=r, time_s=dt, peak_bytes=peak, **info)
+                del new
+    bf._emit("done")
+
+
+# ============================================================================ orchestration
+def build_jobs(args) -> list[dict]:
+    jobs = []
+    common = {
+        "preset": args.preset, "overrides": args.overrides, "batch": args.batch, "repeat": args.repeat,
+        "warmup_len": args.warmup_len, "threads": args.threads, "device": args.device, "seed": args.seed,
+        "new_tokens": args.new_tokens,
+    }  # fmt: skip
+    if args.device_check:  # first: a broken CUDA path should show before the long runs
+        jobs.append(dict(common, job="device-check", dtype="fp32+bf16", length=args.check_len))
+    for dtype in args.dtypes:
+        for length in args.prompt_lengths:
+            base = dict(common, dtype=dtype, length=length)
+            jobs.append(dict(base, job="v4lens"))
+            if args.hf:
+                if args.hf_max_len and length > args.hf_max_len:
+                    jobs.append(dict(base, job="hf", skip=f"skipped (> --hf-max-len {args.hf_max_len})"))
+                else:
+                    jobs.append(dict(base, job="hf"))
+            if args.speculative:
+                jobs.append(dict(base, job="v4lens-spec"))
+    return jobs
+
+
+def summarise(job: dict, args) -> dict:
+    """bench_forward's per-job summary (best time / largest peak per mode) plus the decode numbers."""
+    out = bf.summarise(job, args.max_rss_gb)
+    events = job.get("events", [])
+    unsupported = next((e for e in events if e["kind"] == "unsupported"), None)
+    if unsupported:
+        out["why"], out["note"] = "unsupported", unsupported["reason"]
+    loaded = next((e for e in events if e["kind"] == "loaded"), None)
+    out["generate_mode"] = loaded.get("generate_mode") if loaded else None
+    runs = [e for e in events if e["kind"] == "run" and e["mode"] == "generate"]
+    out["tokens"] = next((e["tokens"] for e in runs if "tokens" in e), None)
+    acc = [e["acceptance"] for e in runs if e.get("acceptance") is not None]
+    out["acceptance"] = sum(acc) / len(acc) if acc else None
+    out["n_generated"] = runs[0]["n_generated"] if runs else None
+    t1, tn = bf._get(out, "prefill", "time_s"), bf._get(out, "generate", "time_s")
+    steps = args.batch * (args.new_tokens - 1)
+    out["decode_s"] = tn - t1 if t1 is not None and tn is not None else None
+    out["decode_rate"] = steps / out["decode_s"] if out["decode_s"] and out["decode_s"] > 0 else None
+    return out
+
+
+def token_match(a, b, n: int) -> dict | None:
+    """Position-by-position agreement of two continuations [b][n] (first n tokens of each)."""
+    if a is None or b is None:
+        return None
+    same = total = 0
+    prefix = n
+    for ra, rb in zip(a, b):
+        ra, rb = ra[:n], rb[:n]
+        eq = [x == y for x, y in zip(ra, rb)]
+        same += sum(eq)
+        total += max(len(ra), len(rb))
+        prefix = min(prefix, next((i for i, e in enumerate(eq) if not e), len(eq)))
+    return {"same": same, "total": total, "prefix": prefix, "identical": same == total}
+
+
+def _match_cell(m):
+    if m is None:
+        return "—"
+    if m["identical"]:
+        return f"{m['same']}/{m['total']} (identical)"
+    return f"{m['same']}/{m['total']} (same first {m['prefix']})"
+
+
+def _decode_cell(s, what):
+    if s is None:
+        return "—"
+    if what == "rate":
+        return bf.fmt_rate(s.get("decode_rate")) if s.get("decode_rate") else s.get("why", "—")
+    if what == "prefill":
+        return bf._cell(s, "prefill", "time", 0)
+    if what == "total":
+        return bf._cell(s, "generate", "time", 0)
+    return bf._cell(s, "generate", "peak", 0)
+
+
+def render(report: dict) -> str:
+    args, S = report["args"], report["summary"]
+    n_new = args["new_tokens"]
+    modes = sorted({s["generate_mode"] for row in S.values() for s in row.values() if s and s.get("generate_mode")})
+    protocol = (
+        f"fresh worker process per configuration, `torch.inference_mode()`, greedy; warm-up: generate 2 tokens "
+        f"after min(prompt, {args['warmup_len']}) prompt tokens; timed: generate 1 token (= prefill) and {n_new} tokens, best of "
+        f"{args['repeat']} each; decode tok/s = batch × ({n_new} − 1) ÷ (t({n_new}) − t(1)); peak memory = "
+        f"{report['mem_method']} during the {n_new}-token generate, minus the memory just before it; "
+        f"v4lens `generate(stop_at_eos=False)`: {' / '.join(modes) or '?'}; transformers "
+        f"`generate(do_sample=False, min_new_tokens={n_new}, use_cache=True)`, eager attention"
+    )
+    L = bf.header_lines(report, "Decode benchmark", protocol)
+    for dtype in args["dtypes"]:
+        L.append(f"## {dtype}\n")
+        title = "v4lens vs transformers" if args["hf"] else "v4lens (transformers skipped)"
+        L.append(f"### {title} (greedy, {n_new} new tokens)\n")
+        cols = ["prompt len", "v4lens prefill (s)", f"v4lens total, {n_new} tok (s)", "v4lens decode tok/s",
+                "v4lens peak mem"]  # fmt: skip
+        if args["hf"]:
+            cols += ["HF prefill (s)", f"HF total, {n_new} tok (s)", "HF decode tok/s", "HF peak mem",
+                     "decode speed-up (v4lens ÷ HF tok/s)", "same greedy tokens (v4lens vs HF)"]  # fmt: skip
+        L += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+        for n in args["prompt_lengths"]:
+            row = S[f"{dtype}/{n}"]
+            v4, hf = row.get("v4lens"), row.get("hf")
+            cells = [str(n)] + [_decode_cell(v4, w) for w in ("prefill", "total", "rate", "peak")]
+            if args["hf"]:
+                cells += [_decode_cell(hf, w) for w in ("prefill", "total", "rate", "peak")]
+                cells.append(bf._ratio_cell((v4 or {}).get("decode_rate"), (hf or {}).get("decode_rate")))
+                cells.append(_match_cell(report["matches"][f"{dtype}/{n}"]["hf"]))
+            L.append("| " + " | ".join(cells) + " |")
+        L.append("")
+        if args["speculative"]:
+            L.append(
+                f"### v4lens speculative decoding (MTP drafts, `generate(speculative=True)`, {n_new} new tokens)\n"
+            )
+            cols = ["prompt len", "plain decode tok/s", "speculative prefill (s)", "speculative decode tok/s",
+                    "speed-up (speculative ÷ plain)", "MTP acceptance", "same tokens as plain greedy",
+                    "speculative peak mem"]  # fmt: skip
+            L += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+            for n in args["prompt_lengths"]:
+                row = S[f"{dtype}/{n}"]
+                v4, sp = row.get("v4lens"), row.get("v4lens-spec")
+                acc = (sp or {}).get("acceptance")
+                L.append(
+                    f"| {n} | {_decode_cell(v4, 'rate')} | {_decode_cell(sp, 'prefill')} | {_decode_cell(sp, 'rate')} "
+                    f"| {bf._ratio_cell((sp or {}).get('decode_rate'), (v4 or {}).get('decode_rate'))} "
+                    f"| {'—' if acc is None else f'{acc:.1%}'} | {_match_cell(report['matches'][f'{dtype}/{n}']['spec'])} "
+                    f"| {_decode_cell(sp, 'peak')} |"
+                )
+            L.append("")
+    short = sorted(
+        {
+            f"{key} {impl}: generated {s['n_generated']} tokens, not {n_new}"
+            for key, row in S.items()
+            for impl, s in row.items()
+            if s and s.get("n_generated") not in (None, n_new)
+        }
+    )
+    L += bf.render_checks(
+        {"summary": S, "args": {"lengths": args["prompt_lengths"]}, "device_check": report.get("device_check")}
+    )
+    if short:
+        L += ["## Warnings\n"] + [f"- {w}" for w in short] + [""]
+    return "\n".join(L) + "\n"
+
+
+# ============================================================================ main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="See benchmarks/README.md for what each column means.")  # fmt: skip
+    p.add_argument("--preset", default="mini-3b", help="v4lens preset (default mini-3b)")
+    p.add_argument("--layers", type=int, help="keep only the preset's first N layers (MTP ratios kept)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a V4Config field (repeatable)")
+    p.add_argument("--prompt-lengths", help="comma-separated prompt lengths (default 1024)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate after the prompt (default 32)")
+    p.add_argument("--dtypes", help="comma-separated dtypes: bf16, fp32 (default bf16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1, help="timed runs of each generate; the best is reported (1)")
+    p.add_argument("--warmup-len", type=int, default=128, help="prompt tokens of the untimed warm-up (default 128)")
+    p.add_argument("--threads", type=int, help="torch threads in each worker (default: all usable CPUs)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-hf", action="store_true", help="do not run transformers")
+    p.add_argument("--hf-max-len", type=int, help="skip transformers above this prompt length")
+    p.add_argument("--speculative", action="store_true",
+                   help="also time v4lens generate(speculative=True) (MTP speculative decoding)")  # fmt: skip
+    p.add_argument("--check-len", type=int, default=256,
+                   help="--device cuda: tokens of the CUDA-vs-CPU logits check (default 256)")  # fmt: skip
+    p.add_argument("--no-device-check", action="store_true", help="--device cuda: skip the CUDA-vs-CPU logits check")
+    p.add_argument("--max-rss-gb", type=float, help="kill a worker whose RSS exceeds this (default 75%% of RAM)")
+    p.add_argument("--job-timeout", type=float, default=3600, help="kill a worker after this many seconds (3600)")
+    p.add_argument("--out", action="append", metavar="PATH", help="also write the report: *.json or *.md (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return args
+    args.prompt_lengths = [int(x) for x in (args.prompt_lengths or "1024").split(",") if x.strip()]
+    args.dtypes = [x.strip() for x in (args.dtypes or "bf16").split(",") if x.strip()]
+    if args.new_tokens < 2:
+        raise SystemExit("--new-tokens must be at least 2 (decode speed = the tokens after the first)")
+    from v4lens.config import resolve_dtype
+
+    for d in args.dtypes:
+        resolve_dtype(d)  # fail early on a typo
+    args.hf = not args.skip_hf
+    args.device_check = args.device == "cuda" and not args.no_device_check
+    if args.threads is None:
+        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if args.max_rss_gb is None:
+        try:
+            with open("/proc/meminfo") as f:
+                total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+        except (OSError, StopIteration):
+            total = None
+        args.max_rss_gb = round(0.75 * total / 2**30, 1) if total else 0
+    bf.check_cuda(args.device)
+    args.overrides = bf.config_overrides(args)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        run_worker(json.loads(args.worker))
+        return 0
+
+    import v4lens
+
+    t_start = time.perf_counter()
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg = v4lens.preset(args.preset, **args.overrides)
+    if args.speculative and not has_speculative():
+        log(
+            "note: this v4lens's model.generate has no `speculative` keyword yet: the speculative rows will say unsupported"
+        )
+    if args.speculative and not cfg.n_mtp_layers:
+        log("note: --speculative needs MTP blocks (cfg.n_mtp_layers > 0); this config has none")
+    jobs = build_jobs(args)
+    results = []
+    for i, spec in enumerate(jobs, 1):
+        label = f"[{i}/{len(jobs)}] {spec['job']:<12} {spec['dtype']:>5} L={spec['length']}"
+        if "skip" in spec:
+            log(f"{label}: {spec['skip']}")
+            results.append({"spec": spec, "status": spec["skip"], "events": []})
+            continue
+        log(label)
+        results.append(bf.run_job(spec, args, log, script=__file__))
+
+    summary: dict[str, dict] = {}
+    device_check = None
+    for r in results:
+        s = r["spec"]
+        if s["job"] == "device-check":
+            device_check = bf.device_check_summary(r)
+            continue
+        summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise(r, args)
+    matches = {}  # "dtype/length" -> v4lens greedy tokens against transformers' / speculative's
+    for key, row in summary.items():
+        v4 = (row.get("v4lens") or {}).get("tokens")
+        matches[key] = {
+            "hf": token_match(v4, (row.get("hf") or {}).get("tokens"), args.new_tokens),
+            "spec": token_match(v4, (row.get("v4lens-spec") or {}).get("tokens"), args.new_tokens),
+        }
+    mem_method = next((e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory")
+    report = {
+        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "set")} | {"set": args.set},
+        "machine": bf.machine_info(args),
+        "config": {
+            "preset": args.preset,
+            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in args.overrides.items()},
+            "overrides_text": " ".join(f"{k}={v}" for k, v in args.overrides.items() if k != "compress_ratios"),
+            "n_layers": cfg.n_layers,
+            "compress_ratios": list(cfg.compress_ratios),
+            "param_counts": cfg.param_counts(),
+        },
+        "mem_method": mem_method,
+        "jobs": results,
+        "summary": summary,
+        "matches": matches,
+        "device_check": device_check,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    text = render(report)
+    print(text)
+    for path in args.out or []:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(report, indent=1, default=str) + "\n")
+        else:
+            path.write_text(text)
+        log(f"wrote {path}")
+    failed = [r for r in results if r["status"] == "error"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
