@@ -1011,6 +1011,30 @@ entry holding the queried record.
 best = max(range(model.cfg.n_heads), key=lambda h: abs(heads[1, h].item()))
 plot.attention_pattern(model, clean_cache, layer=1, head=best, batch=0).show()
 """),
+    md("""
+## 6 · Generating with hooks
+
+`generate` decodes incrementally: the prompt goes through once (the prefill), then each new
+token runs alone against a `V4KVCache` that holds what V4 looks back at — the last W−1 keys, each
+compressor's unfinished window and the CSA overlap carry, the compressed entries and the
+indexer's keys. Hooks are active at every step, so the indexer ablation of section 1 also breaks
+generation. A decoding step sees the window, the top-k picks and the visible HCA entries only,
+and gives the same logits as a full forward.
+"""),
+    code("""
+prompt = tokens[:16, :-1]                      # up to the queried key: the answer comes next
+out = model.generate(prompt, max_new_tokens=1)
+print("generated the answer:", (out.new_tokens[:, 0] == answer[:16]).float().mean().item())
+ablated = model.generate(prompt, max_new_tokens=1, fwd_hooks=no_picks)
+print("... without the indexer's picks:", (ablated.new_tokens[:, 0] == answer[:16]).float().mean().item())
+
+kv = v4lens.V4KVCache()
+model(prompt[:, :-1], past_kv_cache=kv)        # prefill all but the last token
+logits, step = model.run_with_cache(prompt[:, -1:], past_kv_cache=kv)   # one decoding step
+print(kv)
+print("step == full forward:", torch.allclose(logits[:, -1], model(prompt)[:, -1], atol=1e-5))
+print("candidates of the step, layer 1 (window, then picked entries as N + w):", step["blocks.1.attn.hook_key_index"][0, 0].tolist())
+"""),
 ]
 
 
