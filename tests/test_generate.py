@@ -170,6 +170,8 @@ def test_stream_callback_text_and_chat_input():
     out = tiny.generate("The capital of France is", 3, stop_at_eos=False, stream=seen.append)
     assert len(seen) == 3 and torch.equal(torch.stack(seen, 1), out.new_tokens)
     assert out.text == [tiny.to_string(out.new_tokens[0])]
+    with pytest.raises(ValueError, match="different lengths"):
+        tiny.generate(["Hi", "A much longer prompt than that"], 2)
     chat = tiny.generate([{"role": "user", "content": "Hi"}], 2, chat=True, stop_at_eos=False)
     rendered = tiny.to_tokens(v4lens.tokenizer.render_chat([{"role": "user", "content": "Hi"}]), prepend_bos=False)
     assert torch.equal(chat.tokens[:, : rendered.shape[1]], rendered)

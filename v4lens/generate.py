@@ -98,6 +98,13 @@ def generate(
         tokens = model.to_tokens(text, prepend_bos=False)  # the template starts with BOS
     else:
         tokens = model._validate_tokens(input)
+        if isinstance(input, (list, tuple)) and len(input) > 1 and isinstance(input[0], str):
+            lengths = {model.to_tokens(text).shape[1] for text in input}
+            if len(lengths) > 1:  # to_tokens right-pads: new tokens would follow the pads
+                raise ValueError(
+                    f"the prompts tokenize to different lengths {sorted(lengths)}: generate them one at a time "
+                    "(V4 has no padding mask, so a batch must share its length)"
+                )
     if (mtp or speculative) and not len(model.mtp):
         raise ValueError("mtp=True / speculative=True need a model with an MTP block (cfg.n_mtp_layers > 0)")
     if speculative and (temperature > 0 or cache_steps or not use_cache):
