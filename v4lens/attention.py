@@ -20,7 +20,7 @@ from transformer_lens.hook_points import HookPoint
 from .compressor import Compressor
 from .config import V4Config
 from .indexer import Indexer, visible_entries
-from .kv_cache import AttentionState, V4KVCache
+from .kv_cache import AttentionState, V4KVCache, append_entries
 from .norm import RMSNorm
 from .params import fp32_param, is_hooked, param
 from .rope import apply_rope, rope_frequencies
@@ -119,9 +119,9 @@ class Attention(nn.Module):
         if self.compressor is not None:
             new_entries, comp_next = self.compressor(x, freqs, state.compressor if state else None, commit)
             old = state.entries if state is not None else new_entries[:, :0]
-            entries = torch.cat([old, new_entries], dim=1)  # [b,T,c]
+            entries = append_entries(old, new_entries)  # [b,T,c]
             n_kept = comp_next.n_entries - old.shape[1]
-            next_state.update(compressor=comp_next, entries=torch.cat([old, new_entries[:, :n_kept]], dim=1))
+            next_state.update(compressor=comp_next, entries=append_entries(old, new_entries[:, :n_kept]))
             T = entries.shape[1]
             if self.indexer is not None:
                 previous = (state.indexer, state.index_keys) if state is not None else None

@@ -14,7 +14,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .compressor import Compressor
 from .config import V4Config
-from .kv_cache import CompressorState
+from .kv_cache import CompressorState, append_entries
 from .params import is_hooked, param
 from .rope import apply_rope
 
@@ -69,9 +69,9 @@ class Indexer(nn.Module):
         comp_state, old_keys = state if state is not None else (None, x.new_zeros(b, 0, self.head_dim))
         new_keys, comp_next = self.compressor(x, freqs, comp_state, commit)
         new_keys = self.hook_kv(new_keys)  # [b,T_new,c_I]
-        keys = torch.cat([old_keys, new_keys], dim=1)  # [b,T,c_I]
+        keys = append_entries(old_keys, new_keys)  # [b,T,c_I]
         n_kept = comp_next.n_entries - (comp_state.n_entries if comp_state is not None else 0)
-        next_state = (comp_next, torch.cat([old_keys, new_keys[:, :n_kept]], dim=1))
+        next_state = (comp_next, append_entries(old_keys, new_keys[:, :n_kept]))
         T = keys.shape[1]
         q = torch.nn.functional.linear(q_latent, self.wq_b).view(b, S, self.n_heads, self.head_dim)
         q = self.hook_q(apply_rope(q, positions, freqs))

@@ -124,6 +124,12 @@ class V4KVCache:
         return f"V4KVCache(length={self.length}, batch={self.batch}, layers={len(self.layers)}, {self.nbytes() / 2**20:.1f} MiB)"
 
 
+def append_entries(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """old [b,T,d] followed by new [b,T',d]; `old` itself when nothing is new (most decoding
+    steps complete no window: no O(T) copy then)."""
+    return old if new.shape[1] == 0 else torch.cat([old, new], dim=1)
+
+
 def _tensors(obj):
     for value in vars(obj).values():
         if isinstance(value, torch.Tensor):
