@@ -217,6 +217,22 @@ def test_cache_errors(model, tokens):
     assert not model.hook_dict["blocks.0.attn.hook_key_index"]._forward_hooks
 
 
+def test_a_failing_chunk_leaves_the_cache_as_it_was(model, tokens):
+    def boom(x, hook):
+        raise RuntimeError("hook failed")
+
+    with torch.no_grad():
+        cache = V4KVCache()
+        model(tokens[:, :20], past_kv_cache=cache)
+        layers = dict(cache.layers)
+        with pytest.raises(RuntimeError, match="hook failed"):
+            model.run_with_hooks(tokens[:, 20:30], past_kv_cache=cache, fwd_hooks=[("blocks.2.hook_attn_out", boom)])
+        assert cache.length == 20 and all(cache.layers[k] is v for k, v in layers.items())
+        rest = model(tokens[:, 20:], past_kv_cache=cache)
+    torch.testing.assert_close(rest, model(tokens)[:, 20:], rtol=1e-5, atol=1e-5)
+    assert not model.hook_dict["blocks.2.hook_attn_out"]._forward_hooks
+
+
 def test_stop_at_layer_returns_the_streams(model, tokens):
     with torch.no_grad():
         _, cache = model.run_with_cache(tokens, names_filter=lambda n: "streams" in n)

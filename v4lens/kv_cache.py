@@ -22,6 +22,7 @@ Every state object is immutable: a forward builds new ones and never writes into
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -103,6 +104,16 @@ class V4KVCache:
         self.length, self.batch, self.mtp_length = snapshot.length, snapshot.batch, snapshot.mtp_length
         self.mtp_pending = snapshot.mtp_pending
         self.layers = dict(snapshot.layers)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """All or nothing: a forward that raises (a hook's error, say) leaves the cache as it was."""
+        before = self.snapshot()
+        try:
+            yield self
+        except BaseException:
+            self.restore(before)
+            raise
 
     def start(self, tokens: torch.Tensor) -> torch.Tensor:
         """Check a chunk [b, S] against the cache; return its absolute positions [S]."""

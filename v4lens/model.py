@@ -6,6 +6,7 @@ with logits for every position (SPEC decision 6) and the MTP blocks on request.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, Sequence
 
 import torch
@@ -211,6 +212,15 @@ class HookedV4(HookedRootModule):
         if stop_at_layer is not None and (past_kv_cache is not None or mtp):
             raise ValueError("stop_at_layer cannot be combined with past_kv_cache or mtp (later layers would not run)")
         tokens = self._validate_tokens(input)
+        # a chunk that fails half-way (a hook raising in layer 5, say) must not leave layers 0-4 advanced
+        with past_kv_cache.transaction() if past_kv_cache is not None else contextlib.nullcontext():
+            return self._forward(
+                tokens, return_type, mtp=mtp, mtp_next_tokens=mtp_next_tokens, loss_per_token=loss_per_token,
+                past_kv_cache=past_kv_cache, stop_at_layer=stop_at_layer, logits_to_keep=logits_to_keep,
+            )  # fmt: skip
+
+    def _forward(self, tokens, return_type, *, mtp, mtp_next_tokens, loss_per_token, past_kv_cache, stop_at_layer,
+                 logits_to_keep):  # fmt: skip
         b, S = tokens.shape
         if past_kv_cache is not None:
             positions = past_kv_cache.start(tokens)
