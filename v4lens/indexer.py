@@ -87,10 +87,14 @@ class Indexer(nn.Module):
         picks = []
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
-            dots = torch.einsum("bshc,btc->bsht", q[:, s0:s1], keys)  # model dtype, like the reference
+            # entries no query of this chunk can see yet would score -inf: skip them (half the
+            # work of a long prefill); a hooked score tensor keeps its full width
+            width = T if chunk == S else min(T, int(visible[s1 - 1]))
+            dots = torch.einsum("bshc,btc->bsht", q[:, s0:s1], keys[:, :width])  # model dtype, like the reference
             scores = torch.einsum("bsh,bsht->bst", alpha[:, s0:s1], torch.relu(dots)).float()
-            future = torch.arange(T, device=x.device)[None, :] >= visible[s0:s1, None]  # [s,T]
+            future = torch.arange(width, device=x.device)[None, :] >= visible[s0:s1, None]  # [s,width]
             scores = self.hook_scores(scores.masked_fill(future, float("-inf")))
-            top = topk_lowest_index_first(scores, k)
-            picks.append(torch.where(top >= visible[s0:s1, None], -1, top))
+            top = topk_lowest_index_first(scores, min(k, width))
+            top = torch.where(top >= visible[s0:s1, None], -1, top)
+            picks.append(torch.nn.functional.pad(top, (0, k - top.shape[-1]), value=-1))
         return self.hook_topk(torch.cat(picks, dim=1)), next_state
