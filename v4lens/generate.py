@@ -82,7 +82,9 @@ def generate(
     mtp: also read the MTP head at each step and report its drafts and acceptance rate.
     speculative: greedy decoding that verifies the MTP head's draft of the token after next in the
     same forward as the next token, keeping it when the model agrees (up to 2 tokens per
-    forward); the output equals plain greedy decoding. Hooks then see the verification
+    forward); the output equals plain greedy decoding (exactly in fp32; in bf16 a two-token
+    forward rounds differently from one-token steps, as the cache itself rounds differently
+    from full forwards, so near-tied argmaxes can flip). Hooks then see the verification
     forwards (a rejected draft's position included).
     stream: called with the new token ids [b] after every token.
 
