@@ -59,9 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="top next-token predictions (and the MTP head's) for a prompt",
                               description="Load a model, run one prompt and print the top-k next tokens "
                               "at the last position, and the MTP block's top-k for the token after.")  # fmt: skip
-    _model_args(run, positional=True)
-    run.add_argument("--prompt", required=True, help="the prompt text")
-    run.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
+    _model_and_prompt_args(run, positional=True)
     run.add_argument("--top-k", type=int, default=10)
     run.set_defaults(run=_run)
 
@@ -69,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Load a model and continue a prompt with the decoding cache, printing "
                               "tokens as they come; greedy unless --temperature > 0; --speculative verifies the "
                               "MTP head's drafts (same output as greedy, fewer forwards).")  # fmt: skip
-    _model_args(gen, positional=True)
-    gen.add_argument("--prompt", required=True, help="the prompt text")
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
+    _model_and_prompt_args(gen, positional=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=None)
@@ -84,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Run one prompt with the activation cache and export figures as "
                               "HTML (offline) and PNG, with an index.html linking them: routing and mHC for "
                               "every layer, indexer / compressed entries / attention for --layers.")  # fmt: skip
-    _model_args(viz, positional=False)
-    viz.add_argument("--prompt", required=True, help="the prompt text")
-    viz.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template")
+    _model_and_prompt_args(viz, positional=False)
     viz.add_argument("--layers", type=_int_list, help="layers for indexer / attention figures (default: first CSA)")
     viz.add_argument("--head", type=int, default=0, help="attention head to draw (default 0)")
     viz.add_argument("--out", required=True, help="output directory")
@@ -95,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_args(parser: argparse.ArgumentParser, positional: bool) -> None:
+def _model_and_prompt_args(parser: argparse.ArgumentParser, positional: bool) -> None:
+    """The options of the commands that run a model on a prompt: the model, dtype, device, seed, `--prompt`, `--chat`."""
     if positional:
         parser.add_argument("model", help="preset name or checkpoint directory")
     else:
@@ -103,6 +98,8 @@ def _model_args(parser: argparse.ArgumentParser, positional: bool) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="default bf16")
     parser.add_argument("--device", default=None, help="e.g. cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    parser.add_argument("--prompt", required=True, help="the prompt text")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
 
 
 def _config_of(model: str):
