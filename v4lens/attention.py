@@ -216,7 +216,11 @@ class Attention(nn.Module):
         """Grouped output projection: group g's heads -> wo_a[g] (R_o) -> concat -> wo_b. [b,S,H,c] -> [b,S,D]."""
         if self.cfg.use_attn_result:
             return self.hook_result(self.head_results(z)).sum(dim=2)
-        u = torch.einsum("bsgjc,grjc->bsgr", *self._grouped(z))
+        # a head's channels are consecutive within its group: wo_a[g] is a plain [R_o, H·c/G] view
+        # (viewing it per head instead would make einsum copy wo_a on every call)
+        G = self.cfg.o_groups
+        z_grouped = rearrange(z, "b s (g j) c -> b s g (j c)", g=G)
+        u = torch.einsum("bsgk,grk->bsgr", z_grouped, self.wo_a.view(G, self.cfg.o_lora_rank, -1))
         return F.linear(rearrange(u, "b s g r -> b s (g r)"), self.wo_b)
 
     def head_results(self, z: torch.Tensor) -> torch.Tensor:
