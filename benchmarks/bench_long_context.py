@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Long-context caching: chosen hooks over a 32k-token input of mini-3b on a 24 GB CPU machine.
 
-Caching every hook of a 32k-token mini-3b forward would take ~45 GB (1,110 tensors; 2.9 GB per
+Caching every hook of a 32k-token mini-3b forward would take ~100 GB (1,110 tensors; 2.9 GiB per
 1k tokens measured by bench_forward.py) and its all-position logits alone 17 GB. An
 interpretability run keeps what it needs instead:
 
