@@ -5,15 +5,13 @@ Both models are built as in bench_forward.py (`v4lens.load(preset)`, then
 `v4lens.hf.hf_model_like`: the same seeded random weights) and continue the same random prompt
 greedily, each in its own fresh worker process (this script re-invoked with `--worker`):
 
-* v4lens: `model.generate(tokens, max_new_tokens=N, stop_at_eos=False)` — whatever `generate`
-  does by default in the installed v4lens (the report's header says which: one full forward per
-  new token, or the incremental KV/compressor cache once `use_cache=True` exists);
+* v4lens: `model.generate(tokens, max_new_tokens=N, stop_at_eos=False)` (the incremental
+  decoding cache, `use_cache=True` by default: prefill, then one token per forward);
 * transformers: `hf.generate(tokens, max_new_tokens=N, min_new_tokens=N, do_sample=False,
   use_cache=True)` (eager attention, its own cache);
 * with `--speculative`: v4lens `model.generate(..., speculative=True)` (MTP speculative
   decoding) in a third worker, with its acceptance rate (`result.mtp_acceptance`) and whether it
-  produced exactly the plain greedy tokens. A v4lens without that keyword is reported as
-  "unsupported" (its `generate` raises TypeError), not as a failure.
+  produced exactly the plain greedy tokens.
 
 How prefill and decode are separated: each worker times `generate(prompt, 1 new token)` and
 `generate(prompt, N new tokens)` (alternating their order over `--repeat`, best time of each).
@@ -67,30 +65,6 @@ if str(REPO) not in sys.path:
 
 
 # ============================================================================ worker
-def generate_mode() -> str:
-    """What the installed v4lens's `generate` does per new token, read from its signature."""
-    import inspect
-
-    from v4lens.generate import generate
-
-    params = inspect.signature(generate).parameters
-    if "use_cache" not in params:
-        return "one full forward of the whole sequence per new token (this v4lens has no incremental cache)"
-    default = params["use_cache"].default
-    if default is True:
-        return "incremental KV/compressor cache (`use_cache=True`, its default)"
-    return f"one full forward per new token (`use_cache={default!r}` by default)"
-
-
-def has_speculative() -> bool:
-    import inspect
-
-    from v4lens.generate import generate
-
-    params = inspect.signature(generate).parameters
-    return "speculative" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def run_worker(spec: dict) -> None:
     import torch
 
@@ -164,26 +138,14 @@ def run_worker(spec: dict) -> None:
                 r = model.generate(toks, max_new_tokens=n, stop_at_eos=False, **extra)
                 return r.new_tokens, getattr(r, "mtp_acceptance", None)
 
-        # warm-up: a prefill and one decode step on a short prompt (and the speculative guard)
-        try:
-            generate(warm, 2)
-        except TypeError as e:
-            if job == "v4lens-spec" and "speculative" in str(e):
-                bf._emit(
-                    "unsupported",
-                    reason="speculative decoding: this v4lens's model.generate has no `speculative` keyword "
-                    f"(MTP speculative decoding not implemented yet): {e}",
-                )
-                bf._emit("done")
-                return
-            raise
+        generate(warm, 2)  # warm-up: a prefill and one decode step on a short prompt
 
         sync()
         gc.collect()
         bf._malloc_trim()
         base_mem = torch.cuda.memory_allocated() if cuda else bf._proc_status("VmRSS")
         bf._emit("loaded", load_s=load_s, base_mem=base_mem, parity=parity, mem_method=probe.method,
-                 threads=torch.get_num_threads(), generate_mode=generate_mode() if job != "hf" else None)  # fmt: skip
+                 threads=torch.get_num_threads())  # fmt: skip
 
         for r in range(spec["repeat"]):
             for n in (1, n_new) if r % 2 == 0 else (n_new, 1):
@@ -232,11 +194,6 @@ def summarise(job: dict, args) -> dict:
     """bench_forward's per-job summary (best time / largest peak per mode) plus the decode numbers."""
     out = bf.summarise(job, args.max_rss_gb)
     events = job.get("events", [])
-    unsupported = next((e for e in events if e["kind"] == "unsupported"), None)
-    if unsupported:
-        out["why"], out["note"] = "unsupported", unsupported["reason"]
-    loaded = next((e for e in events if e["kind"] == "loaded"), None)
-    out["generate_mode"] = loaded.get("generate_mode") if loaded else None
     runs = [e for e in events if e["kind"] == "run" and e["mode"] == "generate"]
     out["tokens"] = next((e["tokens"] for e in runs if "tokens" in e), None)
     acc = [e["acceptance"] for e in runs if e.get("acceptance") is not None]
@@ -276,7 +233,7 @@ def _decode_cell(s, what):
     if s is None:
         return "—"
     if what == "rate":
-        return bf.fmt_rate(s.get("decode_rate")) if s.get("decode_rate") else s.get("why", "—")
+        return bf.fmt_rate(s.get("decode_rate")) if s.get("decode_rate") else "—"
     if what == "prefill":
         return bf._cell(s, "prefill", "time", 0)
     if what == "total":
@@ -287,13 +244,12 @@ def _decode_cell(s, what):
 def render(report: dict) -> str:
     args, S = report["args"], report["summary"]
     n_new = args["new_tokens"]
-    modes = sorted({s["generate_mode"] for row in S.values() for s in row.values() if s and s.get("generate_mode")})
     protocol = (
         f"fresh worker process per configuration, `torch.inference_mode()`, greedy; warm-up: generate 2 tokens "
         f"after min(prompt, {args['warmup_len']}) prompt tokens; timed: generate 1 token (= prefill) and {n_new} tokens, best of "
         f"{args['repeat']} each; decode tok/s = batch × ({n_new} − 1) ÷ (t({n_new}) − t(1)); peak memory = "
         f"{report['mem_method']} during the {n_new}-token generate, minus the memory just before it; "
-        f"v4lens `generate(stop_at_eos=False)`: {' / '.join(modes) or '?'}; transformers "
+        f"v4lens `generate(stop_at_eos=False)` (incremental decoding cache); transformers "
         f"`generate(do_sample=False, min_new_tokens={n_new}, use_cache=True)`, eager attention"
     )
     L = bf.header_lines(report, "Decode benchmark", protocol)
@@ -418,31 +374,11 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg = v4lens.preset(args.preset, **args.overrides)
-    if args.speculative and not has_speculative():
-        log(
-            "note: this v4lens's model.generate has no `speculative` keyword yet: the speculative rows will say unsupported"
-        )
     if args.speculative and not cfg.n_mtp_layers:
         log("note: --speculative needs MTP blocks (cfg.n_mtp_layers > 0); this config has none")
     jobs = build_jobs(args)
-    results = []
-    for i, spec in enumerate(jobs, 1):
-        label = f"[{i}/{len(jobs)}] {spec['job']:<12} {spec['dtype']:>5} L={spec['length']}"
-        if "skip" in spec:
-            log(f"{label}: {spec['skip']}")
-            results.append({"spec": spec, "status": spec["skip"], "events": []})
-            continue
-        log(label)
-        results.append(bf.run_job(spec, args, log, script=__file__))
-
-    summary: dict[str, dict] = {}
-    device_check = None
-    for r in results:
-        s = r["spec"]
-        if s["job"] == "device-check":
-            device_check = bf.device_check_summary(r)
-            continue
-        summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise(r, args)
+    results = bf.run_jobs(jobs, args, log, script=__file__)
+    summary, device_check = bf.summarise_jobs(results, lambda r: summarise(r, args))
     matches = {}  # "dtype/length" -> v4lens greedy tokens against transformers' / speculative's
     for key, row in summary.items():
         v4 = (row.get("v4lens") or {}).get("tokens")
@@ -450,37 +386,8 @@ def main(argv=None) -> int:
             "hf": token_match(v4, (row.get("hf") or {}).get("tokens"), args.new_tokens),
             "spec": token_match(v4, (row.get("v4lens-spec") or {}).get("tokens"), args.new_tokens),
         }
-    mem_method = next((e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory")
-    report = {
-        "args": {k: v for k, v in vars(args).items() if k not in ("worker", "set")} | {"set": args.set},
-        "machine": bf.machine_info(args),
-        "config": {
-            "preset": args.preset,
-            "overrides": {k: list(v) if isinstance(v, tuple) else v for k, v in args.overrides.items()},
-            "overrides_text": " ".join(f"{k}={v}" for k, v in args.overrides.items() if k != "compress_ratios"),
-            "n_layers": cfg.n_layers,
-            "compress_ratios": list(cfg.compress_ratios),
-            "param_counts": cfg.param_counts(),
-        },
-        "mem_method": mem_method,
-        "jobs": results,
-        "summary": summary,
-        "matches": matches,
-        "device_check": device_check,
-        "wall_s": time.perf_counter() - t_start,
-    }
-    text = render(report)
-    print(text)
-    for path in args.out or []:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix == ".json":
-            path.write_text(json.dumps(report, indent=1, default=str) + "\n")
-        else:
-            path.write_text(text)
-        log(f"wrote {path}")
-    failed = [r for r in results if r["status"] == "error"]
-    return 1 if failed else 0
+    report = bf.base_report(args, cfg, results, summary, device_check, t_start) | {"matches": matches}
+    return bf.publish(render(report), report, args, log)
 
 
 if __name__ == "__main__":

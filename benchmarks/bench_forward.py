@@ -27,7 +27,7 @@ bf16, 1k-8k) for v4lens and transformers, and reports the growth exponent and th
 v4lens/transformers memory ratio at the longest length.
 
 `--chunk-len N` prefills lengths above `--chunk-above` (default N) chunk by chunk through the
-incremental cache (`model(chunk, past_kv_cache=V4KVCache())`, needs `v4lens.kv_cache`), keeping
+incremental cache (`model(chunk, past_kv_cache=V4KVCache(), logits_to_keep=1)`), keeping
 only the last position's logits: long prompts without logits for every position. Such rows are
 labelled "chunked prefill (chunk N)"; each such worker first checks the chunked last-position
 logits against one full forward on the warm-up tokens.
@@ -369,20 +369,13 @@ def _cache_bytes(cache) -> tuple[int, int]:
 
 
 def chunked_prefill(model, tokens, chunk_len: int):
-    """Prefill `tokens` chunk by chunk through an incremental `V4KVCache`; only the last
-    position's logits [b, V] are kept (each chunk's logits are dropped before the next chunk)."""
-    try:
-        from v4lens.kv_cache import V4KVCache
-    except ImportError as e:
-        raise SystemExit(
-            f"chunked prefill (--chunk-len) needs v4lens.kv_cache (the incremental KV/compressor cache "
-            f"API, `model(chunk, past_kv_cache=V4KVCache())`), which this v4lens does not have: {e}"
-        ) from None
+    """Prefill `tokens` chunk by chunk through an incremental `V4KVCache`, the head run on each
+    chunk's last position only (`logits_to_keep=1`); returns the last position's logits [b, V]."""
+    from v4lens.kv_cache import V4KVCache
+
     cache, last = V4KVCache(), None
     for part in tokens.split(chunk_len, dim=1):
-        logits = model(part, past_kv_cache=cache)
-        last = logits[:, -1].clone()
-        del logits
+        last = model(part, past_kv_cache=cache, logits_to_keep=1)[:, -1]
     return last
 
 
@@ -1261,11 +1254,15 @@ def main(argv=None) -> int:
     log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg = v4lens.preset(args.preset, **args.overrides)
     jobs = build_jobs(args)
-    if args.chunk_len:
-        import importlib.util
+    results = run_jobs(jobs, args, log)
+    summary, device_check = summarise_jobs(results, lambda r: summarise(r, args.max_rss_gb))
+    report = base_report(args, cfg, results, summary, device_check, t_start)
+    return publish(render(report), report, args, log)
 
-        if importlib.util.find_spec("v4lens.kv_cache") is None:
-            log("note: --chunk-len needs v4lens.kv_cache, which this v4lens does not have: the chunked rows will fail")
+
+# ============================================================================ shared with bench_decode.py
+def run_jobs(jobs: list[dict], args, log, script=None) -> list[dict]:
+    """Every job in its own worker process, in order; skipped jobs are recorded as such."""
     results = []
     for i, spec in enumerate(jobs, 1):
         label = f"[{i}/{len(jobs)}] {spec['job']:<12} {spec['dtype']:>5} L={spec['length']}"
@@ -1274,8 +1271,12 @@ def main(argv=None) -> int:
             results.append({"spec": spec, "status": spec["skip"], "events": []})
             continue
         log(label)
-        results.append(run_job(spec, args, log))
+        results.append(run_job(spec, args, log, script=script))
+    return results
 
+
+def summarise_jobs(results: list[dict], summarise_one) -> tuple[dict, dict | None]:
+    """{"dtype/length": {job: summary}} and the device check's summary (None without one)."""
     summary: dict[str, dict] = {}
     device_check = None
     for r in results:
@@ -1283,9 +1284,14 @@ def main(argv=None) -> int:
         if s["job"] == "device-check":
             device_check = device_check_summary(r)
             continue
-        summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise(r, args.max_rss_gb)
+        summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise_one(r)
+    return summary, device_check
+
+
+def base_report(args, cfg, results, summary, device_check, t_start) -> dict:
+    """The report every benchmark writes: arguments, machine, model config, jobs and their summaries."""
     mem_method = next((e["mem_method"] for r in results for e in r["events"] if e["kind"] == "loaded"), "peak memory")
-    report = {
+    return {
         "args": {k: v for k, v in vars(args).items() if k not in ("worker", "set")} | {"set": args.set},
         "machine": machine_info(args),
         "config": {
@@ -1302,7 +1308,10 @@ def main(argv=None) -> int:
         "device_check": device_check,
         "wall_s": time.perf_counter() - t_start,
     }
-    text = render(report)
+
+
+def publish(text: str, report: dict, args, log) -> int:
+    """Print the markdown, write it and the JSON to --out paths; exit status 1 if any job failed."""
     print(text)
     for path in args.out or []:
         path = Path(path)
@@ -1312,8 +1321,7 @@ def main(argv=None) -> int:
         else:
             path.write_text(text)
         log(f"wrote {path}")
-    failed = [r for r in results if r["status"] == "error"]
-    return 1 if failed else 0
+    return 1 if any(r["status"] == "error" for r in report["jobs"]) else 0
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_forward import HostPeak, _proc_status  # noqa: E402  (memory probes shared with the forward benchmark)
+from bench_forward import HostPeak, _proc_status  # (memory probes shared with the forward benchmark)
 
 SCENARIOS = ("forward", "tail", "early-layers")
 
