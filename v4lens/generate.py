@@ -77,8 +77,8 @@ def generate(
     use_cache: decode incrementally with a `V4KVCache` (prefill, then one token per step: the
     same logits as full forwards, each step costs O(window + top-k + entries)); then a step's
     hooks and cache cover the new position only (the prefill: the prompt, the heads' hooks its
-    last position). use_cache=False runs
-    the whole sequence every step (hooks see every position each time; cost grows as n²).
+    last position). use_cache=False runs the whole sequence every step (hooks see every
+    position each time; cost grows as n²).
     mtp: also read the MTP head at each step and report its drafts and acceptance rate.
     speculative: greedy decoding that verifies the MTP head's draft of the token after next in the
     same forward as the next token, keeping it when the model agrees (up to 2 tokens per
