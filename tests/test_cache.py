@@ -329,6 +329,8 @@ def test_offload_dir_keeps_the_cache_on_disk(tiny256, tokens_2x40, full, tmp_pat
         assert torch.equal(t, sliced(full[2], name, [3, 17, 39])), name
     reopened = v4lens.open_offloaded(tmp_path, tiny256)
     assert sorted(reopened.keys()) == sorted(names)
+    run_with_cache(tiny256, tokens_2x40, names_filter=names[:1], offload_dir=tmp_path)  # the directory reused
+    assert list(v4lens.open_offloaded(tmp_path, tiny256).keys()) == names[:1]
     assert torch.equal(reopened.tokens, tokens_2x40) and reopened.positions.tolist() == [3, 17, 39]
     assert torch.equal(reopened["streams_post", 2], cache["streams_post", 2])
 

@@ -118,6 +118,9 @@ def caching_hooks(
         name = hook.name + ("_grad" if is_backward else "")
         cache[name] = t if offload_dir is None else _offload(t, Path(offload_dir), name)
 
+    if offload_dir is not None:  # a fresh index: a directory reused for another run lists only that run
+        Path(offload_dir).mkdir(parents=True, exist_ok=True)
+        (Path(offload_dir) / "index.json").unlink(missing_ok=True)
     fwd = [(name, save_hook) for name in model.hook_dict if names_filter(name)]
     bwd = [(name, lambda t, hook: save_hook(t, hook, is_backward=True)) for name, _ in fwd] if incl_bwd else []
     return cache, fwd, bwd
