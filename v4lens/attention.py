@@ -117,7 +117,7 @@ class Attention(nn.Module):
         kept = raw[:, : past.shape[1] + (S if commit is None else commit)]  # the next chunk's past
         next_state = {"window": kept[:, max(0, kept.shape[1] - (cfg.window_size - 1)) :].clone()}
         if self.compressor is not None:
-            new_entries, comp_next = self.compressor(x, freqs, state.compressor if state else None, commit)
+            new_entries, comp_next = self.compressor(x, freqs, state.compressor if state is not None else None, commit)
             old = state.entries if state is not None else new_entries[:, :0]
             entries = append_entries(old, new_entries)  # [b,T,c]
             n_kept = comp_next.n_entries - old.shape[1]
