@@ -72,8 +72,6 @@ def run_worker(spec: dict) -> None:
         bf.device_check_worker(spec)
         return
     torch.set_num_threads(spec["threads"])
-    import v4lens
-    from v4lens.config import resolve_dtype
 
     try:
         from transformers.utils import logging as hf_logging
@@ -91,35 +89,15 @@ def run_worker(spec: dict) -> None:
             torch.cuda.synchronize()
 
     job, n_new = spec["job"], spec["new_tokens"]
-    dtype = resolve_dtype(spec["dtype"])
-    t0 = time.perf_counter()
-    model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
-    hf = None
-    if job == "hf":
-        from v4lens.hf import hf_model_like
-
-        hf = hf_model_like(model, dtype=dtype, device=device)
-    load_s = time.perf_counter() - t0
-
     # the same prompt in every worker (and the same tokens as bench_forward.py for the same seed)
-    gen = torch.Generator().manual_seed(spec["seed"] + 1)
-    lo = min(3, model.cfg.d_vocab - 1)
-    tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
-    warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
+    model, hf, load_s, tokens, warm = bf.worker_setup(spec, device)
 
     with torch.inference_mode():
         parity = None
         if job == "hf":
-            ours = model(warm).float()
-            theirs = hf(input_ids=warm, use_cache=False).logits.float()
-            parity = {
-                "max_abs_diff": float((ours - theirs).abs().max()),
-                "max_abs_logit": float(ours.abs().max()),
-                "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
-                "tokens": int(warm.shape[1]),
-            }
+            parity = bf.logits_parity(model, hf, warm)
             pad = model.cfg.pad_token_id
-            del ours, theirs, model  # measure transformers alone
+            del model  # measure transformers alone
             gc.collect()
             bf._malloc_trim()
             if cuda:

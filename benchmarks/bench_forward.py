@@ -379,6 +379,43 @@ def chunked_prefill(model, tokens, chunk_len: int):
     return last
 
 
+def worker_setup(spec: dict, device):
+    """The worker's model (and, for an "hf" job, transformers' model with the same weights), its load
+    time, the random tokens [batch, length] every worker of this seed sees, and their warm-up prefix."""
+    import torch
+
+    import v4lens
+    from v4lens.config import resolve_dtype
+
+    dtype = resolve_dtype(spec["dtype"])
+    # build outside inference mode (the threaded init and the weight copy need ordinary tensors)
+    t0 = time.perf_counter()
+    model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
+    hf = None
+    if spec["job"] == "hf":
+        from v4lens.hf import hf_model_like
+
+        hf = hf_model_like(model, dtype=dtype, device=device)
+    load_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(spec["seed"] + 1)
+    lo = min(3, model.cfg.d_vocab - 1)
+    tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
+    warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
+    return model, hf, load_s, tokens, warm
+
+
+def logits_parity(model, hf, warm) -> dict:
+    """The weights really are the same: v4lens against transformers' logits on the warm-up tokens."""
+    ours = model(warm).float()
+    theirs = hf(input_ids=warm, use_cache=False).logits.float()
+    return {
+        "max_abs_diff": float((ours - theirs).abs().max()),
+        "max_abs_logit": float(ours.abs().max()),
+        "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
+        "tokens": int(warm.shape[1]),
+    }
+
+
 def run_worker(spec: dict) -> None:
     import torch
 
@@ -386,8 +423,6 @@ def run_worker(spec: dict) -> None:
         device_check_worker(spec)
         return
     torch.set_num_threads(spec["threads"])
-    import v4lens
-    from v4lens.config import resolve_dtype
 
     try:
         from transformers.utils import logging as hf_logging
@@ -405,35 +440,13 @@ def run_worker(spec: dict) -> None:
             torch.cuda.synchronize()
 
     job = spec["job"]
-    dtype = resolve_dtype(spec["dtype"])
-    # build outside inference mode (the threaded init and the weight copy need ordinary tensors)
-    t0 = time.perf_counter()
-    model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
-    hf = None
-    if job == "hf":
-        from v4lens.hf import hf_model_like
-
-        hf = hf_model_like(model, dtype=dtype, device=device)
-    load_s = time.perf_counter() - t0
-
-    gen = torch.Generator().manual_seed(spec["seed"] + 1)
-    lo = min(3, model.cfg.d_vocab - 1)
-    tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
-    warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
+    model, hf, load_s, tokens, warm = worker_setup(spec, device)
 
     with torch.inference_mode():
         parity = None
         if job == "hf":
-            # the weights really are the same: compare logits on the warm-up tokens
-            ours = model(warm).float()
-            theirs = hf(input_ids=warm, use_cache=False).logits.float()
-            parity = {
-                "max_abs_diff": float((ours - theirs).abs().max()),
-                "max_abs_logit": float(ours.abs().max()),
-                "argmax_agreement": float((ours.argmax(-1) == theirs.argmax(-1)).float().mean()),
-                "tokens": int(warm.shape[1]),
-            }
-            del ours, theirs, model  # measure transformers alone
+            parity = logits_parity(model, hf, warm)
+            del model  # measure transformers alone
             gc.collect()
             _malloc_trim()
             if cuda:
