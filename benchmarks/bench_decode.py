@@ -71,26 +71,11 @@ def run_worker(spec: dict) -> None:
     if spec["job"] == "device-check":
         bf.device_check_worker(spec)
         return
-    torch.set_num_threads(spec["threads"])
-
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
-    probe = bf.CudaPeak() if cuda else bf.HostPeak()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     job, n_new = spec["job"], spec["new_tokens"]
     # the same prompt in every worker (and the same tokens as bench_forward.py for the same seed)
-    model, hf, load_s, tokens, warm = bf.worker_setup(spec, device)
+    w = bf.worker_setup(spec)
+    cuda, probe, sync = w.cuda, w.probe, w.sync
+    model, hf, load_s, tokens, warm = w.model, w.hf, w.load_s, w.tokens, w.warm
 
     with torch.inference_mode():
         parity = None
@@ -347,11 +332,7 @@ def main(argv=None) -> int:
         run_worker(json.loads(args.worker))
         return 0
 
-    import v4lens
-
-    t_start = time.perf_counter()
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cfg = v4lens.preset(args.preset, **args.overrides)
+    t_start, log, cfg = bf.start_run(args)
     if args.speculative and not cfg.n_mtp_layers:
         log("note: --speculative needs MTP blocks (cfg.n_mtp_layers > 0); this config has none")
     jobs = build_jobs(args)

@@ -64,6 +64,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 MARK = "@@BENCH "  # prefix of the worker's machine-readable stdout lines
 REPO = Path(__file__).resolve().parent.parent
@@ -379,13 +380,29 @@ def chunked_prefill(model, tokens, chunk_len: int):
     return last
 
 
-def worker_setup(spec: dict, device):
-    """The worker's model (and, for an "hf" job, transformers' model with the same weights), its load
-    time, the random tokens [batch, length] every worker of this seed sees, and their warm-up prefix."""
+def worker_setup(spec: dict) -> SimpleNamespace:
+    """What every benchmark worker starts with: torch's threads set and transformers quiet; the
+    device, a peak-memory probe for it and a `sync()`; the model (and, for an "hf" job,
+    transformers' with the same weights) and its load time; the random tokens [batch, length]
+    every worker of this seed sees, and their warm-up prefix."""
     import torch
 
     import v4lens
     from v4lens.config import resolve_dtype
+
+    torch.set_num_threads(spec["threads"])
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
 
     dtype = resolve_dtype(spec["dtype"])
     # build outside inference mode (the threaded init and the weight copy need ordinary tensors)
@@ -401,7 +418,10 @@ def worker_setup(spec: dict, device):
     lo = min(3, model.cfg.d_vocab - 1)
     tokens = torch.randint(lo, model.cfg.d_vocab, (spec["batch"], spec["length"]), generator=gen).to(device)
     warm = tokens[:, : max(1, min(spec["length"], spec["warmup_len"]))]
-    return model, hf, load_s, tokens, warm
+    return SimpleNamespace(
+        device=device, cuda=cuda, probe=CudaPeak() if cuda else HostPeak(), sync=sync,
+        model=model, hf=hf, load_s=load_s, tokens=tokens, warm=warm,
+    )  # fmt: skip
 
 
 def logits_parity(model, hf, warm) -> dict:
@@ -422,25 +442,10 @@ def run_worker(spec: dict) -> None:
     if spec["job"] == "device-check":
         device_check_worker(spec)
         return
-    torch.set_num_threads(spec["threads"])
-
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    except ImportError:
-        pass
-
-    device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
-    probe = CudaPeak() if cuda else HostPeak()
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     job = spec["job"]
-    model, hf, load_s, tokens, warm = worker_setup(spec, device)
+    w = worker_setup(spec)
+    cuda, probe, sync = w.cuda, w.probe, w.sync
+    model, hf, load_s, tokens, warm = w.model, w.hf, w.load_s, w.tokens, w.warm
 
     with torch.inference_mode():
         parity = None
@@ -1261,11 +1266,7 @@ def main(argv=None) -> int:
         run_worker(json.loads(args.worker))
         return 0
 
-    import v4lens
-
-    t_start = time.perf_counter()
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cfg = v4lens.preset(args.preset, **args.overrides)
+    t_start, log, cfg = start_run(args)
     jobs = build_jobs(args)
     results = run_jobs(jobs, args, log)
     summary, device_check = summarise_jobs(results, lambda r: summarise(r, args.max_rss_gb))
@@ -1274,6 +1275,14 @@ def main(argv=None) -> int:
 
 
 # ============================================================================ shared with bench_decode.py
+def start_run(args):
+    """(start time, a logger to stderr unless --quiet, the benchmarked config)."""
+    import v4lens
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    return time.perf_counter(), log, v4lens.preset(args.preset, **args.overrides)
+
+
 def run_jobs(jobs: list[dict], args, log, script=None) -> list[dict]:
     """Every job in its own worker process, in order; skipped jobs are recorded as such."""
     results = []
