@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -312,18 +311,7 @@ def parse_args(argv=None):
         resolve_dtype(d)  # fail early on a typo
     args.hf = not args.skip_hf
     args.device_check = args.device == "cuda" and not args.no_device_check
-    if args.threads is None:
-        args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if args.max_rss_gb is None:
-        try:
-            with open("/proc/meminfo") as f:
-                total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
-        except (OSError, StopIteration):
-            total = None
-        args.max_rss_gb = round(0.75 * total / 2**30, 1) if total else 0
-    bf.check_cuda(args.device)
-    args.overrides = bf.config_overrides(args)
-    return args
+    return bf.finish_common_args(args)
 
 
 def main(argv=None) -> int:

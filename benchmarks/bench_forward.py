@@ -1224,12 +1224,18 @@ def parse_args(argv=None):
     args.device_check = args.device == "cuda" and not args.no_device_check
     args.cache = not (args.no_cache or args.scaling)
     args.stripped = not (args.no_stripped or args.scaling)
+    return finish_common_args(args)
+
+
+def finish_common_args(args):
+    """Defaults every benchmark's parser shares: threads (the usable CPUs), --max-rss-gb (75% of
+    RAM), the CUDA check, the config overrides."""
     if args.threads is None:
         args.threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if args.max_rss_gb is None:
         try:
             with open("/proc/meminfo") as f:
-                total = next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemTotal:"))
+                total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
         except (OSError, StopIteration):
             total = None
         args.max_rss_gb = round(0.75 * total / 2**30, 1) if total else 0
