@@ -34,6 +34,8 @@ CASES: dict[str, tuple[list[str], list[str], list[str]]] = {
                    ["lens.html", "lens.csv"], ["3_post", "stream 3"]),
     "recall_circuit": (["--n", "8", "--out", "recall.html"], ["recall.html"],
                        ["value swapped in context", "logit attribution"]),
+    "generate_with_hooks": (["--layer", "3", "--new", "6", "--dtype", "fp32", "--save", "gen.pt"], ["gen.pt"],
+                            ["greedy:", "routed to experts 0..1", "same tokens as greedy"]),
     "export_figures": (["--prompt", SHORT, "--formats", "html,png", "--out-dir", "figs"],
                        ["figs/index.html", "figs/router_heatmap.html", "figs/comb_grid.html",
                         "figs/attention_pattern.html", "figs/logit_lens.html"], ["9 figures"]),
