@@ -8,7 +8,7 @@ import torch
 from conftest import perturb
 
 import v4lens
-from v4lens.cache import position_axis
+from v4lens.cache import concat_chunk_tensors, position_axis
 from v4lens.kv_cache import V4KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -58,26 +58,6 @@ def test_chunked_logits_equal_one_forward(model, tokens, name):
     assert cache.layers[0].window.shape[1] == model.cfg.window_size - 1
 
 
-# hooks whose last axis grows with the entries seen so far, and what fills the columns a chunk cannot see yet
-_GROWING = {"attn.hook_key_index": -1, "attn.hook_attn_scores": float("-inf"), "attn.hook_pattern": 0.0,
-            "indexer.hook_scores": float("-inf"), "indexer.hook_topk": -1}  # fmt: skip
-
-
-def stitch(name: str, pieces: list[torch.Tensor], full: torch.Tensor, ends: list[int]) -> torch.Tensor:
-    """Chunk tensors of hook `name` -> the tensor a full forward caches (entries appended; growing
-    candidate axes padded; key indices renumbered from N + w (N = tokens so far) to S + w)."""
-    axis = position_axis(name)
-    if axis is None:
-        return torch.cat(pieces, dim=1)
-    fill = next((v for suffix, v in _GROWING.items() if name.endswith(suffix)), None)
-    if fill is not None:
-        if name.endswith("hook_key_index"):
-            pieces = [torch.where(p >= n, p - n + S, p) for p, n in zip(pieces, ends)]
-        width = full.shape[-1]
-        pieces = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=fill) for p in pieces]
-    return torch.cat(pieces, dim=axis)
-
-
 def test_chunked_hooks_equal_one_forward(model, tokens):
     splits = SPLITS["ragged"]
     ends = torch.tensor(splits).cumsum(0).tolist()
@@ -91,13 +71,36 @@ def test_chunked_hooks_equal_one_forward(model, tokens):
     for name in full.keys():
         if name.startswith("mtp."):
             continue
-        got = stitch(name, [c[name] for c in caches], full[name], ends)
+        got = concat_chunk_tensors(name, [c[name] for c in caches], ends)
         if got.dtype in (torch.int64, torch.bool):
             assert torch.equal(got, full[name]), name  # expert ids, hash ids, indexer picks, key indices
         else:
             torch.testing.assert_close(got, full[name], rtol=1e-4, atol=1e-5, msg=name)
         compared += 1
     assert compared == len([n for n in full.keys() if not n.startswith("mtp.")]) > 150
+
+
+def test_run_with_cache_in_chunks_equals_one_forward(model, tokens, tmp_path):
+    """run_with_cache(chunk_len=...) runs the input through a V4KVCache and assembles one cache."""
+    names = lambda n: not n.startswith("mtp.")  # noqa: E731
+    keep = [0, 5, 23, 24, 60]
+    with torch.no_grad():
+        logits, full = model.run_with_cache(tokens, names_filter=names, pos_slice=keep)
+        got_logits, chunked = model.run_with_cache(tokens, names_filter=names, pos_slice=keep, chunk_len=7,
+                                                   offload_dir=tmp_path)  # fmt: skip
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+    assert sorted(chunked.keys()) == sorted(full.keys()) and chunked.positions.tolist() == keep
+    for name in full.keys():
+        assert chunked[name].shape == full[name].shape, name
+        if full[name].dtype == torch.int64:
+            assert torch.equal(chunked[name], full[name]), name
+        else:
+            torch.testing.assert_close(chunked[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert chunked["blocks.1.hook_streams_post"].untyped_storage().filename  # offloaded after assembly
+    with pytest.raises(ValueError, match="chunk_len"):
+        model.run_with_cache(tokens, chunk_len=7, mtp=True)
+    with pytest.raises(ValueError, match="return_type"):
+        model.run_with_cache(tokens, chunk_len=7, return_type="loss")
 
 
 def test_decode_step_sees_only_its_candidates(model, tokens):
