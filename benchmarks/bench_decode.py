@@ -2,7 +2,7 @@
 """Decode benchmark: greedy generation speed of v4lens against transformers, same weights.
 
 Both models are built as in bench_forward.py (`v4lens.load(preset)`, then
-`v4lens.hf.hf_model_like`: the same seeded random weights) and continue the same random prompt
+`v4lens.weights.hf.hf_model_like`: the same seeded random weights) and continue the same random prompt
 greedily, each in its own fresh worker process (this script re-invoked with `--worker`):
 
 * v4lens: `model.generate(tokens, max_new_tokens=N, stop_at_eos=False)` (the incremental
@@ -305,7 +305,7 @@ def parse_args(argv=None):
     args.dtypes = [x.strip() for x in (args.dtypes or "bf16").split(",") if x.strip()]
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode speed = the tokens after the first)")
-    from v4lens.config import resolve_dtype
+    from v4lens.model.config import resolve_dtype
 
     for d in args.dtypes:
         resolve_dtype(d)  # fail early on a typo

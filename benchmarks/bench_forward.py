@@ -2,7 +2,7 @@
 """Forward-pass benchmark: v4lens against transformers' `DeepseekV4ForCausalLM`, same weights.
 
 Both models are built from the same seeded random init (`v4lens.load(preset)`, then
-`v4lens.hf.hf_model_like`), run on the same random tokens under `torch.inference_mode()`,
+`v4lens.weights.hf.hf_model_like`), run on the same random tokens under `torch.inference_mode()`,
 and timed after a short warm-up. Every configuration runs in its own fresh worker process
 (this script re-invoked with `--worker`), so peak-memory numbers are not polluted by the
 other model or by earlier runs:
@@ -372,7 +372,7 @@ def _cache_bytes(cache) -> tuple[int, int]:
 def chunked_prefill(model, tokens, chunk_len: int):
     """Prefill `tokens` chunk by chunk through an incremental `V4KVCache`, the head run on each
     chunk's last position only (`logits_to_keep=1`); returns the last position's logits [b, V]."""
-    from v4lens.kv_cache import V4KVCache
+    from v4lens.model.kv_cache import V4KVCache
 
     cache, last = V4KVCache(), None
     for part in tokens.split(chunk_len, dim=1):
@@ -388,7 +388,7 @@ def worker_setup(spec: dict) -> SimpleNamespace:
     import torch
 
     import v4lens
-    from v4lens.config import resolve_dtype
+    from v4lens.model.config import resolve_dtype
 
     torch.set_num_threads(spec["threads"])
     try:
@@ -410,7 +410,7 @@ def worker_setup(spec: dict) -> SimpleNamespace:
     model = v4lens.load(spec["preset"], device=device, dtype=dtype, seed=spec["seed"], **spec["overrides"])
     hf = None
     if spec["job"] == "hf":
-        from v4lens.hf import hf_model_like
+        from v4lens.weights.hf import hf_model_like
 
         hf = hf_model_like(model, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
@@ -1184,7 +1184,7 @@ def parse_args(argv=None):
     p.add_argument("--no-stripped", action="store_true", help="do not time idle vs stripped hook points")
     p.add_argument("--chunk-len", type=int,
                    help="v4lens: prefill lengths above --chunk-above chunk by chunk (chunks of N tokens) through "
-                        "the incremental cache (v4lens.kv_cache), keeping only the last position's logits")  # fmt: skip
+                        "the incremental cache (v4lens.model.kv_cache), keeping only the last position's logits")  # fmt: skip
     p.add_argument("--chunk-above", type=int, help="with --chunk-len: chunk lengths above this (default: --chunk-len)")
     p.add_argument("--check-len", type=int, default=256,
                    help="--device cuda: tokens of the CUDA-vs-CPU logits check (default 256)")  # fmt: skip
@@ -1210,7 +1210,7 @@ def parse_args(argv=None):
         args.layers = 4
     args.lengths = [int(x) for x in (args.lengths or "1024,2048,4096,8192").split(",") if x.strip()]
     args.dtypes = [x.strip() for x in (args.dtypes or "bf16").split(",") if x.strip()]
-    from v4lens.config import resolve_dtype
+    from v4lens.model.config import resolve_dtype
 
     for d in args.dtypes:
         resolve_dtype(d)  # fail early on a typo

@@ -36,7 +36,7 @@ def main(argv=None):
     args = parse_args(argv)
 
     from v4lens import plot
-    from v4lens.cache import is_stream_name
+    from v4lens.analysis.layout import is_stream_name
 
     model = load_model(args)
     tokens = model.to_tokens(args.prompt)

@@ -30,7 +30,7 @@ def main(argv=None):
 
     import v4lens
     from v4lens import patching, plot
-    from v4lens.train import VALUE_IDS, recall_batch
+    from v4lens.tasks import VALUE_IDS, recall_batch
 
     model = load_model(args)
     batch = recall_batch(args.n, generator=torch.Generator().manual_seed(args.seed))

@@ -1,6 +1,6 @@
 """Write the tutorial notebooks of this folder (outputs stripped) from the cell lists below.
 
-    python notebooks/make_notebooks.py            # rewrite 01..04, 06, 07 (05 is written by hand)
+    python notebooks/make_notebooks.py            # rewrite every notebook of this folder
     python notebooks/make_notebooks.py --check    # exit 1 if a committed notebook differs from this file
 
 Edit the cells here, regenerate, commit both. `tests/test_notebooks.py` executes every notebook of
@@ -111,7 +111,8 @@ print("next token:", repr(model.to_string(logits[0, -1].argmax())))
 
 `run_with_cache` returns a `V4ActivationCache` (a TransformerLens `ActivationCache` that knows the
 residual is *n streams*: `[b, p, n, d]`). Index it by full hook name or by TransformerLens shorthand.
-Every hook name is listed in `shared/HOOKS.md` and in `model.hook_dict`.
+Every hook name, its shape and what editing it does is listed in `docs/hooks.md` (in the v4lens
+repository); `model.hook_dict` holds this model's hook points.
 """),
     code("""
 logits, cache = model.run_with_cache(tokens)
@@ -790,7 +791,8 @@ after the last block); the logit lens below recomputes them exactly at the posit
 import inspect
 
 # 2,048 tokens of varied text that every machine has: v4lens's own source (docstrings and code)
-text = "\\n".join(inspect.getsource(m) for m in (v4lens.model, v4lens.stats, v4lens.patching, v4lens.lens))
+text = "\\n".join(inspect.getsource(m) for m in (v4lens.model.hooked, v4lens.analysis.stats.routing,
+                                               v4lens.analysis.patching.sweeps, v4lens.analysis.lens))
 tokens = model.to_tokens(text)[:, :2048]
 assert tokens.shape[1] == 2048
 print("tokens:", tuple(tokens.shape), repr(model.to_string(tokens[0, 1:40])))
@@ -887,12 +889,12 @@ output that key's value. The queried record always lies **outside the query's sl
 so the only way the value can reach the query is through the compressed entries of the CSA or
 HCA layer — and, on the CSA layer, only through the entries the indexer picks.
 
-We find the circuit with the tools of issue 4: ablation of the indexer's picks, activation
+We find the circuit with v4lens's analysis tools: ablation of the indexer's picks, activation
 patching of streams, heads and picks, and exact logit attribution through mHC.
 """),
     code(SETUP),
     code("""
-from v4lens.train import recall_batch, task_accuracy, KEY_IDS, VALUE_IDS, QUERY
+from v4lens.tasks import recall_batch, task_accuracy, KEY_IDS, VALUE_IDS, QUERY
 
 model = v4lens.load("tiny-recall")
 batch = recall_batch(256, generator=torch.Generator().manual_seed(0))

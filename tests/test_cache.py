@@ -1,5 +1,5 @@
 """V4ActivationCache: stream-aware position/batch slicing, devices, short keys, stacking over
-layers, block-boundary streams, and the logit / MTP lenses (v4lens.cache, v4lens.lens)."""
+layers, block-boundary streams, and the logit / MTP lenses (v4lens.analysis.cache, v4lens.analysis.lens)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import pytest
 import torch
 
 import v4lens
-import v4lens.lens as lens_mod
+import v4lens.analysis.lens as lens_mod
 from v4lens import V4ActivationCache
-from v4lens.cache import caching_hooks, is_entry_name, is_stream_name, position_axis, run_with_cache
-from v4lens.head import fp32_logits
+from v4lens.analysis.caching import caching_hooks, run_with_cache
+from v4lens.analysis.layout import is_entry_name, is_stream_name, position_axis
+from v4lens.model.head import fp32_logits
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -20,7 +21,7 @@ B, S = 2, 40  # tokens_2x40
 
 @pytest.fixture(scope="module")
 def full(tiny256, tokens_2x40):
-    """(logits, mtp_logits, cache) of a whole run with MTP, cached by v4lens.cache.run_with_cache."""
+    """(logits, mtp_logits, cache) of a whole run with MTP, cached by v4lens.analysis.caching.run_with_cache."""
     (logits, (mtp_logits,)), cache = run_with_cache(tiny256, tokens_2x40, mtp=True)
     return logits, mtp_logits, cache
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import v4lens
-from v4lens.quant import FP4_VALUES, dequantize, quantize_fp4, quantize_fp8
+from v4lens.weights.quant import FP4_VALUES, dequantize, quantize_fp4, quantize_fp8
 
 TOKENS = torch.randint(0, 512, (2, 37), generator=torch.Generator().manual_seed(0))
 
@@ -42,7 +42,7 @@ def _assert_same_state(a, b):
 def test_hf_layout_matches_transformers_and_round_trips(model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from v4lens.hf import hf_model_like, use_lowest_index_ties
+    from v4lens.weights.hf import hf_model_like, use_lowest_index_ties
 
     ours, theirs = tmp_path / "ours", tmp_path / "theirs"
     model.save_pretrained(ours, max_shard_size="100KB")
@@ -68,7 +68,7 @@ def test_hf_layout_matches_transformers_and_round_trips(model, tmp_path):
 def test_hca_ratio_112_config_loads_in_transformers(tmp_path):
     from transformers import AutoConfig
 
-    from v4lens.saving import write_config
+    from v4lens.weights.saving import write_config
 
     cfg = v4lens.preset("mini-3b")
     write_config(tmp_path, cfg, "hf")
@@ -220,7 +220,7 @@ def test_loading_straight_to_bf16_keeps_islands_fp32(model, tmp_path):
 
 
 def test_safetensors_writer_is_read_by_safetensors(tmp_path):
-    from v4lens.safetensors_io import write_file
+    from v4lens.weights.safetensors_io import write_file
 
     stacked = torch.randn(3, 4, 6)
     tensors = [

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import v4lens
-from v4lens.config import V4Config, preset
+from v4lens.model.config import V4Config, preset
 
 
 def test_mini_3b_matches_spec_decision_7():
@@ -81,7 +81,7 @@ def test_from_official_model_args():
 
 
 def test_yarn_frequencies_match_spec_a11():
-    from v4lens.rope import rope_frequencies
+    from v4lens.model.rope import rope_frequencies
 
     cfg = preset("mini-3b")
     plain = rope_frequencies(cfg, compressed=False)

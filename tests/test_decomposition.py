@@ -8,7 +8,7 @@ import torch
 from conftest import perturb
 
 import v4lens
-from v4lens.decomposition import decompose, decomposition_hooks, stream_lineage
+from v4lens.analysis.decomposition import decompose, decomposition_hooks, stream_lineage
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -19,7 +19,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def prompt():
-    from v4lens.train import recall_batch
+    from v4lens.tasks import recall_batch
 
     batch = recall_batch(3, generator=torch.Generator().manual_seed(7))
     return batch["tokens"][:, :-1], batch["answer"]  # stop right after the query key

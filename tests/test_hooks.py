@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import v4lens
 from v4lens import HookedV4
-from v4lens.rope import apply_rope
+from v4lens.model.rope import apply_rope
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import v4lens
-from v4lens.config import V4Config, preset
+from v4lens.model.config import V4Config, preset
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

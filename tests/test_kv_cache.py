@@ -1,4 +1,4 @@
-"""Incremental decoding (v4lens.kv_cache): any chunking of the input, prefill + token-by-token
+"""Incremental decoding (v4lens.model.kv_cache): any chunking of the input, prefill + token-by-token
 included, gives the logits, the hooked values and the discrete decisions of one full forward."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import torch
 from conftest import perturb
 
 import v4lens
-from v4lens.cache import concat_chunk_tensors, position_axis
-from v4lens.kv_cache import V4KVCache
+from v4lens.analysis.caching import concat_chunk_tensors
+from v4lens.analysis.layout import position_axis
+from v4lens.model.kv_cache import V4KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

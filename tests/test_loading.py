@@ -9,13 +9,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import v4lens
-from v4lens.names import canonical_name
+from v4lens.weights.names import canonical_name
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A tiny model written by transformers' save_pretrained (the layout `load` must read)."""
-    from v4lens.hf import hf_model_like
+    from v4lens.weights.hf import hf_model_like
 
     model = v4lens.load("tiny", d_vocab=512, seed=5)
     out = tmp_path_factory.mktemp("hf")

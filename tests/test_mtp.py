@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import v4lens
-from v4lens.block import Block
-from v4lens.norm import rms_normalize
+from v4lens.model.block import Block
+from v4lens.model.norm import rms_normalize
 
 
 def test_mtp_matches_spec_equations():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import v4lens
-from v4lens.hf import hf_model_like
+from v4lens.weights.hf import hf_model_like
 
 CONFIGS = {
     # tiny preset: sliding, CSA, HCA(6), CSA; hc 4, window 8, top-k 3, o_groups 2, rope 8

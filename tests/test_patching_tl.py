@@ -1,4 +1,7 @@
-"""transformer_lens.patching runs unchanged on a v4lens model (HOOKS.md "TransformerLens interoperability")."""
+"""Which of transformer_lens.patching runs unchanged on a v4lens model, and which refuses (docs/hooks.md,
+"TransformerLens interoperability"; the README's list): attn_out / mlp_out / per-head z and q sweeps and
+`generic_activation_patch` on V4 names give the values of v4lens's own sweeps; resid_*, k / v, the
+`*_every` and direct-path functions raise (four residual streams, one shared key=value vector)."""
 
 from __future__ import annotations
 
@@ -140,6 +143,55 @@ def test_resid_sweeps_refuse_the_4d_streams(tiny256, setup):
     _, corrupted, _, clean_cache, _ = setup
     with pytest.raises(KeyError, match="resid_pre"):
         patching.get_act_patch_resid_pre(tiny256, corrupted, clean_cache, metric)
+
+
+@pytest.mark.parametrize(
+    "fn, missing",
+    [
+        ("get_act_patch_resid_mid", "resid_mid"), ("get_act_patch_block_every", "resid_pre"),
+        ("get_act_patch_attn_head_k_all_pos", "hook_k"), ("get_act_patch_attn_head_v_by_pos", "hook_v"),
+    ],
+)  # fmt: skip
+def test_sweeps_over_hooks_v4_lacks_raise(tiny256, setup, fn, missing):
+    """V4 has n residual streams (hook_streams_*) and one shared key=value vector (attn.hook_kv):
+    TransformerLens's sweeps over [b,p,d] residuals and per-head keys / values refuse by name."""
+    _, corrupted, _, clean_cache, _ = setup
+    with pytest.raises(KeyError, match=missing):
+        getattr(patching, fn)(tiny256, corrupted, clean_cache, metric)
+
+
+def test_direct_path_patching_raises(tiny256, setup):
+    """Direct-path patching needs per-head W_O into one [b,p,d] residual; V4 heads write through a
+    grouped low-rank projection into n streams: it refuses (AttributeError on W_O today)."""
+    _, corrupted, _, clean_cache, _ = setup
+    with torch.no_grad():
+        corrupted_cache = tiny256.run_with_cache(corrupted)[1]
+        with pytest.raises((AttributeError, KeyError, ValueError), match="W_O|hook_q_input|n_key_value_heads"):
+            patching.get_act_patch_direct_path(tiny256, corrupted, clean_cache, corrupted_cache, metric, 0, 0)
+
+
+def test_tl_head_sweeps_by_pos_and_q_equal_v4lens_sweeps(tiny256, setup):
+    """TransformerLens's per-head, per-position z sweep is v4lens's; its q sweeps patch attn.hook_q
+    [b,p,h,c] per head exactly as a head-vector patch written with v4lens's own sweep machinery."""
+    from v4lens import patching as v4_patching
+
+    _, corrupted, _, clean_cache, corrupted_logits = setup
+    with torch.no_grad():
+        tl_by_pos = patching.get_act_patch_attn_head_out_by_pos(tiny256, corrupted, clean_cache, metric)
+        ours = v4_patching.get_act_patch_attn_head_out_by_pos(tiny256, corrupted, clean_cache, metric)
+        tl_q = patching.get_act_patch_attn_head_q_all_pos(tiny256, corrupted, clean_cache, metric)
+    torch.testing.assert_close(tl_by_pos, ours, atol=1e-6, rtol=0)
+    assert (tl_by_pos - metric(corrupted_logits)).abs().max() > 1e-4
+    # head h's q of layer l by hand: the clean queries of that head at every position
+    l, h = 3, 1
+    def patch_q(q, hook):
+        q = q.clone()
+        q[:, :, h] = clean_cache[hook.name][:, :, h]
+        return q
+
+    with torch.no_grad():
+        by_hand = metric(tiny256.run_with_hooks(corrupted, fwd_hooks=[(f"blocks.{l}.attn.hook_q", patch_q)]))
+    torch.testing.assert_close(tl_q[l, h], by_hand, atol=1e-6, rtol=0)
 
 
 def test_patching_requires_eval_mode(setup):

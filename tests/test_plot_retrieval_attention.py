@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from v4lens import stats
-from v4lens.decomposition import decompose
+from v4lens.analysis.decomposition import decompose
 from v4lens.patching import get_act_patch_attn_out
 from v4lens.plot import analysis, attention, retrieval, style
 

@@ -206,7 +206,7 @@ def test_other_dtypes_are_refused(m32):
 def test_bf16_head_gives_fp32_logits_of_the_bf16_values():
     """The bf16 model's head multiplies bf16-valued operands: its logits must be the fp32 GEMM's
     (to summation order), not a bf16-rounded product, and the oneDNN precision flag is restored."""
-    from v4lens.head import fp32_logits
+    from v4lens.model.head import fp32_logits
 
     before = torch.backends.mkldnn.matmul.fp32_precision
     gen = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ from test_checkpoints import quantize_checkpoint
 
 import v4lens
 from v4lens.cli import main as cli_main
-from v4lens.config import V4Config, preset
-from v4lens.slicing import default_layers, make_plan, remap_tid2eid, slice_checkpoint
+from v4lens.model.config import V4Config, preset
+from v4lens.weights.slicing import default_layers, make_plan, remap_tid2eid, slice_checkpoint
 
 # Flash's structure at CI size: 2 sliding + alternating CSA / HCA, 3 hash layers, MTP (sliding),
 # 4 output groups of 2 heads, rope 16 of 48, indexer 4 × 32.
@@ -37,7 +37,7 @@ EXPERTS = [11, 3, 5, 0, 8]
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """The quantised source checkpoint and the fp32 model holding its dequantised values."""
-    from v4lens.loading import build_empty, init_weights
+    from v4lens.weights.loading import build_empty, init_weights
 
     model = build_empty(SOURCE)
     init_weights(model, seed=4)

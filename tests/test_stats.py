@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from v4lens import stats
-from v4lens.indexer import visible_entries
+from v4lens.model.indexer import visible_entries
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

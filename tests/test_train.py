@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import v4lens
-import v4lens.loading
+import v4lens.weights.loading
 from v4lens import train as T
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-# tiny-recall's stated held-out recall accuracy (checkpoints/tiny-recall/README.md) minus a margin
+# tiny-recall's stated held-out recall accuracy (v4lens/data/tiny-recall/README.md) minus a margin
 SHIPPED_MIN_ACC = 0.90
 
 
@@ -112,7 +112,7 @@ def test_cli_help(capsys):
 
 
 @pytest.mark.skipif(
-    v4lens.loading.shipped_checkpoint("tiny-recall") is None, reason="no trained tiny-recall checkpoint shipped yet"
+    v4lens.weights.loading.shipped_checkpoint("tiny-recall") is None, reason="no trained tiny-recall checkpoint shipped yet"
 )
 def test_shipped_tiny_recall():
     model = v4lens.load("tiny-recall")

@@ -1,21 +1,39 @@
-"""v4lens: a hookable, faithful DeepSeek-V4 for mechanistic interpretability."""
+"""v4lens: a hookable, faithful DeepSeek-V4 for mechanistic interpretability.
 
-from . import patching, stats
-from .cache import V4ActivationCache, open_offloaded
-from .config import PRESETS, V4Config, preset
-from .decomposition import decompose, stream_lineage
-from .lens import LensResult
-from .loading import Checkpoint, init_weights, load
-from .kv_cache import V4KVCache
+The package has four rooms and a few tools (docs/architecture.md):
+
+- `v4lens.model` — the network: config, components, `HookedV4`, the decoding cache
+- `v4lens.weights` — checkpoints on disk: loading, saving, names, FP8/FP4, slicing, the transformers oracle
+- `v4lens.analysis` — the stream-aware cache, lenses, decomposition, patching, statistics
+- `v4lens.plot` — plotly figures and their export
+- tools: `generate`, `tokenizer`, `train` (with its synthetic `tasks`), `cli`, `demo`
+"""
+
+from . import _moved
+from .analysis import patching, stats
+from .analysis.cache import V4ActivationCache
+from .analysis.decomposition import decompose, stream_lineage
+from .analysis.lens import LensResult
+from .analysis.offload import open_offloaded
 from .model import HookedV4
-from .names import canonical_name, official_name
-from .slicing import slice_checkpoint
+from .model.config import PRESETS, V4Config, preset
+from .model.kv_cache import V4KVCache
 from .tokenizer import load_tokenizer
+from .weights.loading import Checkpoint, init_weights, load
+from .weights.names import canonical_name, official_name
+from .weights.slicing import slice_checkpoint
+
+_moved.install()  # the flat module paths of earlier versions (v4lens.cache, v4lens.config, ...) still import
+
+
+def __getattr__(name: str):
+    # `v4lens.plot`, `v4lens.train`, ... are ordinary submodules; old flat names resolve to their new homes
+    return _moved.moved_attribute(name)
+
 
 __all__ = [
     "PRESETS", "Checkpoint", "HookedV4", "LensResult", "V4ActivationCache", "V4Config", "V4KVCache",
     "canonical_name", "decompose", "init_weights", "load", "load_tokenizer", "official_name", "open_offloaded",
-    "patching", "preset",
-    "slice_checkpoint", "stats", "stream_lineage",
+    "patching", "preset", "slice_checkpoint", "stats", "stream_lineage",
 ]  # fmt: skip
 __version__ = "0.1.0"

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         "slice",
         help="cut a smaller checkpoint (e.g. mini-3b) out of a larger one (e.g. V4-Flash)",
         description="Write a smaller checkpoint whose every tensor is a sub-block of the source's "
-        "(FP8/FP4 dequantised). The rules are in `v4lens.slicing`; the output's slice.json records them.",
+        "(FP8/FP4 dequantised). The rules are in `v4lens.weights.slicing`; the output's slice.json records them.",
     )
     sl.add_argument("src", help="source checkpoint directory (transformers or DeepSeek layout, FP8/FP4 allowed)")
     sl.add_argument("out", help="output directory")
@@ -105,8 +105,8 @@ def _model_and_prompt_args(parser: argparse.ArgumentParser, positional: bool) ->
 def _config_of(model: str):
     from pathlib import Path
 
-    from .config import PRESETS, preset
-    from .loading import Checkpoint
+    from .model.config import PRESETS, preset
+    from .weights.loading import Checkpoint
 
     if model in PRESETS:
         return preset(model)
@@ -144,7 +144,7 @@ def _info(args) -> int:
 
 
 def _load_model(args):
-    from .loading import load
+    from .weights.loading import load
 
     return load(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
 
@@ -284,8 +284,8 @@ def _print_top(model, logits, k: int, title: str) -> None:
 def _slice(args) -> int:
     from pathlib import Path
 
-    from .config import PRESETS, V4Config
-    from .slicing import slice_checkpoint
+    from .model.config import PRESETS, V4Config
+    from .weights.slicing import slice_checkpoint
 
     if args.target in PRESETS:
         target = args.target

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kv_cache import V4KVCache
+from .model.kv_cache import V4KVCache
 
 
 @dataclass

@@ -14,7 +14,7 @@ Facts worth knowing:
   template does. For raw-text experiments that want BOS, prepend ``tok.bos_token_id`` yourself.
 
 The attached chat template (``tok.chat_template``) implements DeepSeek-V4's prompt format
-(``encoding_dsv4.py``, SPEC §D)::
+(DeepSeek's ``encoding_dsv4.py``)::
 
     chat, one turn:     <BOS>{system}<｜User｜>{q}<｜Assistant｜></think>
     thinking, one turn: <BOS>{system}<｜User｜>{q}<｜Assistant｜><think>
@@ -61,7 +61,7 @@ THINK_END = "</think>"
 DSML = "｜DSML｜"
 LATEST_REMINDER = "<｜latest_reminder｜>"
 
-# Verbatim from encoding_dsv4.py (the revision SPEC §D describes).
+# Verbatim from DeepSeek's encoding_dsv4.py.
 REASONING_EFFORT_MAX = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
     "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
@@ -244,7 +244,7 @@ def load_tokenizer(thinking: bool = False) -> PreTrainedTokenizerFast:
         tokenizer_file=str(json_path),
         bos_token=_special(cfg, "bos_token"),
         eos_token=_special(cfg, "eos_token"),
-        # tokenizer_config.json reuses EOS as pad; v4lens follows SPEC/config (pad id 2) so
+        # tokenizer_config.json reuses EOS as pad; v4lens uses the dedicated pad token (id 2) so
         # padding never looks like an end of sentence.
         pad_token=PAD,
         model_max_length=cfg.get("model_max_length", 1_048_576),

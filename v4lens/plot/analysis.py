@@ -45,8 +45,9 @@ def logit_lens_table(lens_or_source, model=None, batch: int = 0, position: int =
 
         fig = logit_lens_table(cache, position=-1, k=5)
     """
-    from ..cache import V4ActivationCache, is_stream_name
-    from ..lens import LensResult, _index_nested
+    from ..analysis.cache import V4ActivationCache
+    from ..analysis.layout import is_stream_name
+    from ..analysis.lens import LensResult, _index_nested
 
     if isinstance(lens_or_source, LensResult):
         lens = lens_or_source

@@ -1,6 +1,6 @@
 """Attention figures in V4's sparse view: each query's own candidates, never an S×S matrix.
 
-A query at position t attends over its candidate set only (HOOKS.md, `attn.hook_key_index`):
+A query at position t attends over its candidate set only (docs/hooks.md, `attn.hook_key_index`):
 the W most recent tokens, then the compressed entries (the indexer's picks on a CSA layer,
 every visible entry on an HCA layer), plus the sink, which absorbs the rest of the mass.
 
@@ -15,7 +15,7 @@ import math
 import plotly.graph_objects as go
 import torch
 
-from .. import stats
+from ..analysis import stats
 from . import style
 from .retrieval import MAX_ENTRIES, entry_labels, keep_columns, layer_info, one_prompt, query_rows, token_strings
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import torch
 
-from .. import stats
+from ..analysis import stats
 from . import style
 
 HALVES = ("attn_hc", "mlp_hc")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 import torch
 
-from .. import stats
+from ..analysis import stats
 from . import style
 
 _ROUTER_HOOKS = ("mlp.hook_expert_ids", "mlp.hook_expert_weights", "mlp.hook_router_scores")

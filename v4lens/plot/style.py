@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import torch
 
-from ..cache import require_hooks
+from ..analysis.layout import require_hooks
 
 SEQUENTIAL = "Viridis"
 DIVERGING = "RdBu_r"
@@ -79,7 +79,7 @@ def pick_positions(n: int, max_positions: int = MAX_POSITIONS, focus: int | None
 def as_cache(model, source, names_filter=None):
     """A cache from `source`: a cache is returned as is; a prompt (text) or tokens are run through
     `model.run_with_cache` (caching only `names_filter`), so every plot takes either."""
-    from ..cache import V4ActivationCache
+    from ..analysis.cache import V4ActivationCache
 
     if isinstance(source, V4ActivationCache):
         return source

@@ -1,0 +1,26 @@
+"""The analysis room: reading and editing what the model computes, through its hook points.
+
+- `layout` — where each hook's position axis is (streams are 4-D, scores head-first, entries have none)
+- `cache` — `V4ActivationCache`, TransformerLens's `ActivationCache` for n residual streams
+- `caching` — `run_with_cache` / `caching_hooks` (position slices, another device, chunked runs)
+- `offload` — a cache on disk (`offload_dir=`), reopened with `open_offloaded`
+- `lens` — logit lens and MTP lens through hc_head -> ln_final -> head
+- `decomposition` — exact logit attribution through mHC (`decompose`, `stream_lineage`)
+- `patching` — activation patching sweeps, attribution patching, mechanism-editing hooks
+- `stats` — routing, mHC and attention statistics
+
+It reads the model room (`v4lens.model`) and nothing else of v4lens; figures (`v4lens.plot`) and
+the command line build on it.
+"""
+
+from . import patching, stats
+from .cache import V4ActivationCache
+from .caching import caching_hooks, run_with_cache
+from .decomposition import decompose, stream_lineage
+from .lens import LensResult, logit_lens, mtp_lens
+from .offload import open_offloaded
+
+__all__ = [
+    "LensResult", "V4ActivationCache", "caching_hooks", "decompose", "logit_lens", "mtp_lens", "open_offloaded",
+    "patching", "run_with_cache", "stats", "stream_lineage",
+]  # fmt: skip

@@ -1,0 +1,198 @@
+"""Caching activations: TransformerLens's `run_with_cache` / `get_caching_hooks`, stream-aware.
+
+Each hook's tensor is sliced on its real position axis (`layout.position_axis`: streams are
+[b, p, n, d], scores and patterns head-first, compressed entries have no position axis), can be
+kept on another device or on disk (`offload_dir`), and a long input can run in chunks through a
+`V4KVCache` whose caches are assembled into the one a single forward gives (`chunk_len`).
+
+    >>> _, cache = run_with_cache(model, tokens, pos_slice=-1)    # = model.run_with_cache(...)
+    >>> cache["streams_post", 3].shape                             # [b, 1, n, d]
+    >>> cache.accumulated_streams().shape                          # [L+1, b, 1, n, d]
+    >>> cache.logit_lens(k=5).top_strs[-1]                         # what the last layer predicts
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformer_lens.utilities.slice import Slice
+
+from ..model.kv_cache import V4KVCache
+from .cache import V4ActivationCache
+from .layout import position_axis
+from .offload import offload_tensor, start_index
+
+
+def caching_hooks(
+    model,
+    names_filter=None,
+    incl_bwd: bool = False,
+    device=None,
+    remove_batch_dim: bool = False,
+    cache: dict | None = None,
+    pos_slice=None,
+    offload_dir=None,
+) -> tuple[dict, list, list]:
+    """TransformerLens's `get_caching_hooks`, slicing positions on each hook's real position axis.
+
+    Returns (cache dict filled during the forward, forward hooks, backward hooks); same arguments as
+    `HookedRootModule.get_caching_hooks`. An int `pos_slice` keeps a length-1 position axis, as
+    TransformerLens does. Compressed-entry tensors are cached whole.
+    offload_dir: write each tensor, as its hook fires, to a file there and cache a memory-mapped
+    view of it (`open_offloaded` reopens the directory later): a long run's cache then lives in
+    the page cache, which the OS can evict, not in the process's memory.
+
+    >>> cache_dict, fwd, _ = caching_hooks(model, names_filter=is_stream_name, pos_slice=[0, -1])
+    >>> with model.hooks(fwd_hooks=fwd):
+    ...     model(tokens)
+    """
+    cache = {} if cache is None else cache
+    pos_slice = Slice.unwrap(pos_slice)
+    names_filter = _as_filter(names_filter)
+    model.is_caching = True
+
+    def save_hook(tensor: torch.Tensor, hook, is_backward: bool = False) -> None:
+        t = tensor.detach().to(device)
+        if remove_batch_dim:
+            if t.shape[0] != 1:
+                raise ValueError(f"remove_batch_dim needs batch size 1, {hook.name} has {t.shape[0]}")
+            t = t[0]
+        axis = position_axis(hook.name, has_batch_dim=not remove_batch_dim)
+        if axis is not None and t.ndim > axis:
+            t = pos_slice.apply(t, dim=axis)
+        name = hook.name + ("_grad" if is_backward else "")
+        cache[name] = t if offload_dir is None else offload_tensor(t, Path(offload_dir), name)
+
+    if offload_dir is not None:
+        start_index(Path(offload_dir))
+    fwd = [(name, save_hook) for name in model.hook_dict if names_filter(name)]
+    bwd = [(name, lambda t, hook: save_hook(t, hook, is_backward=True)) for name, _ in fwd] if incl_bwd else []
+    return cache, fwd, bwd
+
+
+def _as_filter(names_filter):
+    """TransformerLens's names_filter forms (None, a name, a list of names, a function) -> a function."""
+    if callable(names_filter):
+        return names_filter
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        names_filter = [names_filter]
+    if isinstance(names_filter, (list, tuple, set)):
+        wanted = set(names_filter)
+        return lambda name: name in wanted
+    raise ValueError("names_filter must be a string, a list of strings, or a function")
+
+
+def run_with_cache(
+    model,
+    input,
+    *model_args,
+    names_filter=None,
+    device=None,
+    remove_batch_dim: bool = False,
+    incl_bwd: bool = False,
+    reset_hooks_end: bool = True,
+    clear_contexts: bool = False,
+    pos_slice=None,
+    offload_dir=None,
+    chunk_len: int | None = None,
+    **model_kwargs,
+):
+    """Run `model(input, ...)` and cache activations: TransformerLens's `run_with_cache`, stream-aware.
+
+    Returns (model output, `V4ActivationCache`). Same keywords as TransformerLens; `device`
+    is where the cache is stored (e.g. "cpu" while the model runs on a GPU). The cache also keeps
+    the input tokens and, after `pos_slice`, which positions it holds, so the logit lens can find
+    next-token targets. `HookedV4.run_with_cache` should be this function.
+    offload_dir: keep the cache on disk (memory-mapped files, see `caching_hooks`; reopen with
+    `open_offloaded`). Long inputs: combine with `names_filter`, `pos_slice` (any position subset,
+    4-D streams included), `stop_at_layer=L` (only blocks < L run) and `return_type=None` (no
+    [b, p, V] logits).
+    chunk_len: run the input through a `V4KVCache` chunk_len tokens at a time (the forward's own
+    memory then grows with chunk_len, not with the length) and assemble the chunks' caches into
+    the one a single forward gives (`concat_chunk_tensors`). Not with MTP, gradients or a cache of
+    your own.
+
+    >>> logits, cache = run_with_cache(model, "The capital of France is", device="cpu", pos_slice=-1)
+    """
+    tokens = model._validate_tokens(input)  # text -> tokens once, so the cache can keep them
+    if remove_batch_dim and tokens.shape[0] != 1:
+        raise ValueError(f"Cannot remove batch dimension from cache with batch size {tokens.shape[0]}")
+    positions = None if pos_slice is None else torch.as_tensor(Slice.unwrap(pos_slice).indices(tokens.shape[1]))
+    if chunk_len is not None:
+        if incl_bwd or remove_batch_dim or model_args or model_kwargs.get("mtp") or "past_kv_cache" in model_kwargs:
+            raise ValueError("chunk_len works with return_type / names_filter / pos_slice / device / offload_dir only")
+        out, cache_dict = _chunked_run(model, tokens, chunk_len, names_filter, device, positions, model_kwargs,
+                                       dict(reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts))  # fmt: skip
+        if offload_dir is not None:
+            start_index(Path(offload_dir))
+            cache_dict = {name: offload_tensor(t, Path(offload_dir), name) for name, t in cache_dict.items()}
+    else:
+        cache_dict, fwd, bwd = caching_hooks(
+            model, names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice, offload_dir=offload_dir
+        )
+        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = model(tokens, *model_args, **model_kwargs)
+            if incl_bwd:
+                out.backward()
+    cache_tokens = tokens.to(device) if device is not None else tokens
+    if offload_dir is not None:  # so that open_offloaded can rebuild the whole cache
+        offload_tensor(tokens.cpu(), Path(offload_dir), "tokens")
+        if positions is not None:
+            offload_tensor(positions, Path(offload_dir), "positions")
+    return out, V4ActivationCache(
+        cache_dict,
+        model,
+        has_batch_dim=not remove_batch_dim,
+        tokens=cache_tokens[0] if remove_batch_dim else cache_tokens,
+        positions=positions,
+    )
+
+
+def _chunked_run(model, tokens, chunk_len, names_filter, device, positions, model_kwargs, hook_kwargs):
+    """run_with_cache's chunk_len path: (output over all chunks, {name: tensor as one forward caches it})."""
+    if model_kwargs.get("return_type", "logits") not in ("logits", None):
+        raise ValueError("chunk_len: return_type must be 'logits' or None (a loss would miss the chunk boundaries)")
+    if chunk_len < 1:
+        raise ValueError(f"chunk_len must be at least 1, got {chunk_len}")
+    S = tokens.shape[1]
+    kv, pieces, ends, outs = V4KVCache(), {}, [], []
+    for s0 in range(0, S, chunk_len):
+        s1 = min(S, s0 + chunk_len)
+        chunk_cache, fwd, _ = caching_hooks(model, names_filter, device=device)
+        with model.hooks(fwd_hooks=fwd, **hook_kwargs):
+            outs.append(model(tokens[:, s0:s1], past_kv_cache=kv, **model_kwargs))
+        local = None if positions is None else positions[(positions >= s0) & (positions < s1)] - s0
+        for name, t in chunk_cache.items():
+            axis = position_axis(name)
+            if local is not None and axis is not None:
+                t = t.index_select(axis, local.to(t.device))
+            pieces.setdefault(name, []).append(t)
+        ends.append(s1)
+    out = None if outs[0] is None else torch.cat(outs, dim=1)
+    return out, {name: concat_chunk_tensors(name, parts, ends) for name, parts in pieces.items()}
+
+
+# hooks whose last axis grows with the entries seen so far, and what fills the columns an earlier chunk lacks
+_GROWING = {"attn.hook_key_index": -1, "attn.hook_attn_scores": float("-inf"), "attn.hook_pattern": 0.0,
+            "indexer.hook_scores": float("-inf"), "indexer.hook_topk": -1}  # fmt: skip
+
+
+def concat_chunk_tensors(name: str, pieces: list[torch.Tensor], ends: list[int]) -> torch.Tensor:
+    """Hook `name`'s tensors from consecutive chunks of one sequence (a `V4KVCache` run; chunk i
+    ends at token ends[i]) -> the tensor one forward over the whole sequence gives: positions
+    concatenated, compressed entries appended, candidate axes that grow with the entries seen
+    (key index, scores, pattern, indexer scores and picks) padded as empty, and key indices
+    renumbered from N + w (N = tokens seen by the chunk) to S + w."""
+    axis = position_axis(name)
+    if axis is None:
+        return torch.cat(pieces, dim=1)
+    fill = next((v for suffix, v in _GROWING.items() if name.endswith(suffix)), None)
+    if fill is not None:
+        if name.endswith("hook_key_index"):
+            pieces = [torch.where(p >= n, p - n + ends[-1], p) for p, n in zip(pieces, ends)]
+        width = max(p.shape[-1] for p in pieces)
+        pieces = [torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=fill) for p in pieces]
+    return torch.cat(pieces, dim=axis)

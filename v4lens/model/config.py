@@ -1,0 +1,358 @@
+"""`V4Config`: every hyper-parameter of a DeepSeek-V4 model, validated, with the presets
+(`tiny`, `tiny-recall`, `mini-3b`, `flash`) and conversions from transformers' `DeepseekV4Config`
+and DeepSeek's `ModelArgs` (in `config_formats.py`).
+
+Field names follow TransformerLens where one exists (`d_model`, `n_layers`, `n_heads`,
+`d_vocab`) and DeepSeek's `inference/model.py` otherwise; `config_formats.py` maps every field
+to the names of transformers' and DeepSeek's config files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+LayerType = Literal["sliding", "csa", "hca"]
+SCORE_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """`"bf16"`, `"float32"`, `torch.bfloat16`, ... -> a torch dtype (fp32 or bf16 only)."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"v4lens runs in float32 or bfloat16 (bf16 with the reference's fp32 islands), got {dtype}"
+            )
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+@dataclass
+class V4Config:
+    """Hyper-parameters of a DeepSeek-V4 model (defaults: V4-Flash), plus v4lens runtime options."""
+
+    # --- sizes
+    d_vocab: int = 129280
+    d_model: int = 4096
+    n_layers: int = 43
+    n_heads: int = 64
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    q_lora_rank: int = 1024
+    o_lora_rank: int = 1024
+    o_groups: int = 8
+    window_size: int = 128
+    # One ratio per layer (0 sliding, 4 CSA, anything else HCA); may hold n_layers +
+    # n_mtp_layers entries, the trailing ones for the MTP blocks (default 0 each).
+    compress_ratios: tuple[int, ...] = (0, 0) + (4, 128) * 20 + (4, 0)
+    # --- rotary embedding (YaRN on compressed layers only)
+    rope_theta: float = 10000.0
+    compress_rope_theta: float = 160000.0
+    rope_factor: float = 16.0
+    original_seq_len: int = 65536  # 0 turns YaRN off on compressed layers too
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    max_position_embeddings: int = 1048576
+    # --- Lightning Indexer (CSA layers)
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # --- DeepSeekMoE
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_activated_experts: int = 6
+    moe_inter_dim: int = 2048
+    n_hash_layers: int = 3
+    score_func: str = "sqrtsoftplus"
+    route_scale: float = 1.5
+    swiglu_limit: float = 10.0
+    # --- manifold-constrained hyper-connections
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    norm_eps: float = 1e-6
+    # --- multi-token prediction
+    n_mtp_layers: int = 1
+    # --- special tokens (ids of the V4 tokenizer)
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 2
+    # --- v4lens runtime options
+    name: str = "custom"
+    dtype: Any = "float32"
+    device: Any = None
+    initializer_range: float = 0.02
+    use_attn_result: bool = False  # opt-in hook blocks.{l}.attn.hook_result [b,p,h,d]
+    use_expert_out: bool = False  # opt-in hook blocks.{l}.mlp.hook_expert_out [b,p,k,d]
+    attn_chunk_size: int = 256  # queries per attention/indexer chunk when nothing hooks the whole tensor
+    qat: bool = False  # the reference's FP8/FP4 QAT simulation is not implemented
+
+    def __post_init__(self):
+        self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
+        self.dtype = resolve_dtype(self.dtype)
+        if self.device is not None:
+            self.device = torch.device(self.device)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def fail(msg: str):
+            raise ValueError(f"invalid V4Config ({self.name}): {msg}")
+
+        positive = [
+            "d_vocab", "d_model", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_lora_rank",
+            "o_groups", "window_size", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
+            "hc_mult", "hc_sinkhorn_iters", "attn_chunk_size",
+        ]  # fmt: skip
+        for name in positive:
+            if int(getattr(self, name)) <= 0:
+                fail(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.o_groups:
+            fail(f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
+        if self.rope_head_dim % 2 or not 0 < self.rope_head_dim <= self.head_dim:
+            fail(f"rope_head_dim ({self.rope_head_dim}) must be even and in (0, head_dim={self.head_dim}]")
+        if self.n_activated_experts > self.n_routed_experts:
+            fail(f"top-k ({self.n_activated_experts}) > n_routed_experts ({self.n_routed_experts})")
+        if not 0 <= self.n_hash_layers <= self.n_layers:
+            fail(f"n_hash_layers ({self.n_hash_layers}) must be in [0, n_layers={self.n_layers}]")
+        if self.n_shared_experts != 1:
+            fail(f"n_shared_experts must be 1 (the reference asserts it), got {self.n_shared_experts}")
+        if self.score_func not in SCORE_FUNCS:
+            fail(f"score_func {self.score_func!r} not in {SCORE_FUNCS}")
+        if self.n_mtp_layers < 0:
+            fail(f"n_mtp_layers must be >= 0, got {self.n_mtp_layers}")
+        if len(self.compress_ratios) not in (self.n_layers, self.n_layers + self.n_mtp_layers):
+            fail(
+                f"compress_ratios has {len(self.compress_ratios)} entries; expected n_layers "
+                f"({self.n_layers}) or n_layers + n_mtp_layers ({self.n_layers + self.n_mtp_layers})"
+            )
+        if any(r < 0 for r in self.compress_ratios):
+            fail(f"compress ratios must be >= 0, got {self.compress_ratios}")
+        if any(r == 1 for r in self.compress_ratios):
+            fail("a compress ratio of 1 would compress nothing; use 0 for a sliding-only layer")
+        if any(self.layer_type(i) == "csa" for i in range(self.n_layers + self.n_mtp_layers)):
+            if self.index_n_heads <= 0 or self.index_head_dim <= 0 or self.index_topk <= 0:
+                fail("CSA layers need positive index_n_heads, index_head_dim and index_topk")
+            if self.index_head_dim < self.rope_head_dim:
+                fail(f"index_head_dim ({self.index_head_dim}) < rope_head_dim ({self.rope_head_dim})")
+        if self.original_seq_len < 0 or self.rope_factor <= 0:
+            fail("original_seq_len must be >= 0 and rope_factor > 0")
+        if self.qat:
+            fail("qat=True (FP8/FP4 QAT simulation) is not implemented; v4lens skips the reference's QAT rounding")
+        if not 0 <= self.bos_token_id < self.d_vocab or not 0 <= self.eos_token_id < self.d_vocab:
+            fail("bos/eos token ids must lie inside the vocabulary")
+
+    # ------------------------------------------------------------------ derived
+    def compress_ratio(self, layer: int) -> int:
+        """Ratio of layer `layer`; layers n_layers.. are the MTP blocks (0 = sliding only when not listed)."""
+        if not 0 <= layer < self.n_layers + self.n_mtp_layers:
+            raise IndexError(f"layer {layer} out of range")
+        return self.compress_ratios[layer] if layer < len(self.compress_ratios) else 0
+
+    def layer_type(self, layer: int) -> LayerType:
+        ratio = self.compress_ratio(layer)
+        return "sliding" if ratio == 0 else ("csa" if ratio == 4 else "hca")
+
+    def is_hash_layer(self, layer: int) -> bool:
+        return layer < self.n_hash_layers  # MTP blocks (layer >= n_layers) never hash
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return self.dtype
+
+    # TransformerLens protocol (docs/hooks.md, "TransformerLens interoperability")
+    @property
+    def d_head(self) -> int:
+        return self.head_dim
+
+    @property
+    def n_key_value_heads(self) -> int:
+        return 1
+
+    @property
+    def n_ctx(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def d_mlp(self) -> int:
+        return self.moe_inter_dim
+
+    attn_only = False
+    normalization_type = "RMS"
+    act_fn = "silu"
+    positional_embedding_type = "rotary"
+
+    @property
+    def nope_head_dim(self) -> int:
+        return self.head_dim - self.rope_head_dim
+
+    # ------------------------------------------------------------------ helpers
+    def replace(self, **changes) -> "V4Config":
+        return dataclasses.replace(self, **changes)
+
+    def without_mtp(self) -> "V4Config":
+        """The same model without its MTP blocks (e.g. for a checkpoint that holds no mtp.* tensors)."""
+        return self.replace(n_mtp_layers=0, compress_ratios=self.compress_ratios[: self.n_layers])
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        d["device"] = None if self.device is None else str(self.device)
+        d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    def layer_types(self) -> list[LayerType]:
+        return [self.layer_type(i) for i in range(self.n_layers)]
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts computed from the config; `active` (per token) counts the embedding and head, not MTP."""
+        D, H, c, V = self.d_model, self.n_heads, self.head_dim, self.d_vocab
+        hc, E, k, I = self.hc_mult, self.n_routed_experts, self.n_activated_experts, self.moe_inter_dim
+        mix = (2 + hc) * hc
+        hc_params = 2 * (mix * hc * D + mix + 3)
+
+        def attn(layer: int) -> int:
+            n = D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * c + D * c + c
+            n += self.o_groups * self.o_lora_rank * H * c // self.o_groups + D * self.o_groups * self.o_lora_rank + H
+            t = self.layer_type(layer)
+            if t != "sliding":
+                coff = 2 if t == "csa" else 1
+                m = self.compress_ratio(layer)
+                n += 2 * coff * c * D + m * coff * c + c
+            if t == "csa":
+                ci, hi = self.index_head_dim, self.index_n_heads
+                n += self.q_lora_rank * hi * ci + hi * D + 2 * 2 * ci * D + 4 * 2 * ci + ci
+            return n
+
+        def moe(layer: int, active: bool) -> tuple[int, int]:
+            expert = 3 * D * I
+            router = E * D + (0 if self.is_hash_layer(layer) else E)
+            table = V * k if self.is_hash_layer(layer) else 0
+            total = router + E * expert + expert
+            return total + table, router + (k + 1) * expert
+
+        total = active = 0
+        for layer in range(self.n_layers):
+            m_total, m_active = moe(layer, True)
+            block = attn(layer) + hc_params + 2 * D
+            total += block + m_total
+            active += block + m_active
+        head = V * D + hc * hc * D + hc + 1 + D
+        embed = V * D
+        total += embed + head
+        active += embed + head
+        mtp = 0
+        for j in range(self.n_mtp_layers):
+            layer = self.n_layers + j
+            m_total, _ = moe(layer, False)
+            mtp += attn(layer) + hc_params + 2 * D + m_total + 2 * D * D + 3 * D + hc * hc * D + hc + 1
+        return {"total": total + mtp, "total_without_mtp": total, "active": active}
+
+    # ------------------------------------------------------------------ conversions (config_formats.py)
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides) -> "V4Config":
+        """From a transformers `DeepseekV4Config`, its `to_dict()`, or a config.json path.
+
+        Accepts the explicit `layer_types` + `compress_rates` form and the legacy
+        `compress_ratios` list (any ratio, 112 included)."""
+        from . import config_formats
+
+        return config_formats.from_hf(hf_config, **overrides)
+
+    def to_hf(self) -> Any:
+        """A transformers `DeepseekV4Config` with the same math (explicit layer_types + compress_rates)."""
+        from . import config_formats
+
+        return config_formats.to_hf(self)
+
+    @classmethod
+    def from_official(cls, model_args: Any, **overrides) -> "V4Config":
+        """From DeepSeek's `inference/config.json` (ModelArgs field names) or a dict of them."""
+        from . import config_formats
+
+        return config_formats.from_official(model_args, **overrides)
+
+    def to_official(self) -> dict:
+        """ModelArgs-style dict (DeepSeek's inference/config.json names)."""
+        from . import config_formats
+
+        return config_formats.to_official(self)
+
+
+# ---------------------------------------------------------------------- presets
+def _tiny(**kw) -> V4Config:
+    """Every attention type (sliding, CSA, HCA with a non-128 ratio), hash and routed MoE, MTP.
+
+    Real vocabulary so the V4 tokenizer's ids are valid; everything else tiny.
+    """
+    base = dict(
+        name="tiny", d_vocab=129280, d_model=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=8,
+        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 6, 4, 0),
+        index_n_heads=2, index_head_dim=16, index_topk=3, n_routed_experts=8, n_activated_experts=2,
+        moe_inter_dim=32, n_hash_layers=1, n_mtp_layers=1,
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _tiny_recall(**kw) -> V4Config:
+    """The model `v4lens.load("tiny-recall")` ships trained (v4lens/train.py, v4lens/data/tiny-recall).
+
+    128-token synthetic vocabulary (layout in v4lens.train); layer 0 sliding (window 8) with a
+    hash-routed MoE, layer 1 CSA (ratio 4, Lightning Indexer picking the top 2 entries), layer 2
+    HCA (ratio 8); 4 routed experts (top-2) + 1 shared; mHC with 4 streams; no MTP block.
+    """
+    base = dict(
+        name="tiny-recall", d_vocab=128, d_model=64, n_layers=3, n_heads=4, head_dim=32, rope_head_dim=8,
+        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 8),
+        index_n_heads=2, index_head_dim=16, index_topk=2, n_routed_experts=4, n_activated_experts=2,
+        moe_inter_dim=64, n_hash_layers=1, n_mtp_layers=0, hc_mult=4, max_position_embeddings=4096,
+        original_seq_len=0,  # no YaRN: sequences are short
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _mini_3b(**kw) -> V4Config:
+    """A small-scale replica of V4-Flash (3.17B parameters with MTP, 3.07B without)."""
+    base = dict(
+        name="mini-3b", d_vocab=129280, d_model=1536, n_layers=28, n_heads=24, head_dim=64, rope_head_dim=32,
+        q_lora_rank=512, o_lora_rank=512, o_groups=4, window_size=64,
+        compress_ratios=(0, 0) + (4, 112) * 12 + (4, 0), index_n_heads=16, index_head_dim=96, index_topk=192,
+        n_routed_experts=24, n_activated_experts=4, moe_inter_dim=768, n_hash_layers=2, n_mtp_layers=1,
+        max_position_embeddings=1048576, rope_factor=16.0, original_seq_len=65536, compress_rope_theta=160000.0,
+        rope_theta=10000.0, route_scale=1.5, swiglu_limit=10.0, hc_mult=4,
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _flash(**kw) -> V4Config:
+    """V4-Flash's dimensions (config only: 284B parameters do not fit here)."""
+    base = dict(name="flash")
+    base.update(kw)
+    return V4Config(**base)
+
+
+PRESETS = {"tiny": _tiny, "tiny-recall": _tiny_recall, "mini-3b": _mini_3b, "flash": _flash}
+
+
+def preset(name: str, **overrides) -> V4Config:
+    """A preset config by name (`tiny`, `tiny-recall`, `mini-3b`, `flash`), with field overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)

@@ -1,0 +1,388 @@
+"""`HookedV4`: the whole DeepSeek-V4 model on TransformerLens's hook machinery.
+
+tokens -> embed -> copy into n streams -> blocks -> hc_head -> final RMSNorm -> fp32 head,
+with logits for every position (each computed like the reference's fp32 last-position head)
+and the MTP blocks on request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens.hook_points import HookPoint
+from transformer_lens.HookedRootModule import HookedRootModule
+
+from .block import Block
+from .config import V4Config
+from .head import fp32_logits
+from .hyper_connections import HyperHead
+from .kv_cache import V4KVCache
+from .mtp import MTPBlock
+from .norm import RMSNorm
+from .params import is_fp32_island, param
+
+ReturnType = Literal["logits", "loss", "both"] | None
+
+
+class HookedV4(HookedRootModule):
+    """DeepSeek-V4 with a named `HookPoint` on every stream and routing decision (the catalogue: docs/hooks.md).
+
+    Build it with `v4lens.load(...)`; `HookedV4(cfg)` alone leaves the weights uninitialised.
+    `forward(input, return_type="logits")` takes a string, a list of strings or int64 tokens
+    [b, p] / [p] and returns fp32 logits [b, p, d_vocab]; `mtp=True` also returns the MTP
+    logits. `run_with_cache` returns a `V4ActivationCache`.
+    """
+
+    def __init__(self, cfg: V4Config, device=None, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        D, V = cfg.d_model, cfg.d_vocab
+        self.embed = nn.Module()
+        self.embed.weight = param((V, D), cfg.dtype, device)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg, layer, device=device) for layer in range(cfg.n_layers))
+        self.hc_head = HyperHead(cfg, device=device)
+        self.ln_final = RMSNorm(D, cfg.norm_eps, device=device)
+        self.head = nn.Module()
+        # Stored in the model dtype (checkpoints hold it in bf16); the logits GEMM runs in fp32 as in the reference.
+        self.head.weight = param((V, D), cfg.dtype, device)
+        self.hook_logits = HookPoint()
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i, device=device) for i in range(cfg.n_mtp_layers))
+        self._tokenizer = tokenizer
+        # By name: `to_empty` (build_empty) and checkpoint loading replace the Parameter objects,
+        # which drops the per-tensor `_v4_fp32` marker that fp32_param sets.
+        self._fp32_islands = frozenset(n for n, p in self.named_parameters() if is_fp32_island(p))
+        self.setup()
+
+    # ------------------------------------------------------------------ TL protocol
+    @property
+    def W_U(self) -> torch.Tensor:
+        """Unembedding [d_model, d_vocab] (fp32)."""
+        return self.head.weight.T
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        return self.embed.weight
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> torch.Tensor:
+        """Text -> int64 tokens [b, p] on the model's device.
+
+        BOS is prepended (TransformerLens's default) unless the text already starts with it, as a
+        rendered chat prompt does. A list of strings of different lengths is right-padded with
+        the pad token: causal attention keeps pads from affecting earlier positions.
+        """
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError("to_tokens got an empty list of strings")
+        rows = []
+        for t in texts:
+            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+            if prepend_bos and (not ids or ids[0] != self.cfg.bos_token_id):
+                ids = [self.cfg.bos_token_id] + ids
+            rows.append(ids)
+        width = max(len(r) for r in rows)
+        if width == 0:
+            raise ValueError("the text tokenizes to nothing; pass non-empty text or prepend_bos=True")
+        out = torch.full((len(rows), width), self.cfg.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        return out.to(self.cfg.device or "cpu")
+
+    def to_str_tokens(self, input: str | torch.Tensor | Sequence[int], prepend_bos: bool = True) -> list:
+        if isinstance(input, str):
+            input = self.to_tokens(input, prepend_bos=prepend_bos)[0]
+        if isinstance(input, torch.Tensor):
+            if input.ndim == 2:
+                return [self.to_str_tokens(row) for row in input]
+            input = input.tolist()
+        return [self.tokenizer.decode([i]) for i in input]
+
+    def to_string(self, tokens: torch.Tensor | Sequence[int]) -> str | list[str]:
+        if isinstance(tokens, torch.Tensor) and tokens.ndim == 2:
+            return [self.tokenizer.decode(row.tolist()) for row in tokens]
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        if isinstance(tokens, int):  # a single token id (e.g. an argmax)
+            tokens = [tokens]
+        return self.tokenizer.decode(list(tokens))
+
+    def to_single_token(self, string: str) -> int:
+        ids = self.tokenizer(string, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {ids}")
+        return ids[0]
+
+    # ------------------------------------------------------------------ device / dtype
+    def to(self, *args, **kwargs):
+        """Like `nn.Module.to`, but fp32 islands stay fp32 and `cfg.device` / `cfg.dtype` follow."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"v4lens runs in float32 or bfloat16, not {dtype}")
+        if dtype is not None:
+            for name, p in self.named_parameters():
+                if name not in self._fp32_islands and p.is_floating_point():
+                    p.data = p.data.to(dtype)
+            self.cfg.dtype = dtype
+        if device is not None:
+            for t in list(self.parameters()) + list(self.buffers()):
+                t.data = t.data.to(device)
+            self.cfg.device = torch.device(device)
+        return self
+
+    def cuda(self, device=None):
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def half(self):
+        raise ValueError(
+            "v4lens runs in float32 or bfloat16 (bf16 with the reference's fp32 islands); use .to(torch.bfloat16)"
+        )
+
+    def float(self):
+        return self.to(torch.float32)
+
+    def bfloat16(self):
+        return self.to(torch.bfloat16)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: str | Sequence[str] | torch.Tensor,
+        return_type: ReturnType = "logits",
+        mtp: bool = False,
+        mtp_next_tokens: torch.Tensor | None = None,
+        loss_per_token: bool = False,
+        past_kv_cache: V4KVCache | None = None,
+        stop_at_layer: int | None = None,
+        logits_to_keep: int = 0,
+    ):
+        """Run the model.
+
+        input: text, list of texts, or int64 tokens [b, p] / [p].
+        return_type: "logits" (fp32 [b,p,V]), "loss" (mean next-token cross-entropy),
+        "both" ((logits, loss)) or None (stop after the last block).
+        mtp: also run the MTP blocks; the result becomes `(result, mtp_logits)` with
+        mtp_logits a list of fp32 [b,p,V] (depth j at position t predicts token t+2+j).
+        mtp_next_tokens: tokens [b, n_mtp] to use after the last position instead of the
+        greedy draft (the argmax of the previous head there).
+        past_kv_cache: a `V4KVCache`; the input continues the sequence it holds and the cache
+        advances (incremental decoding / chunked prefill: same logits and hooked values as one
+        forward over the whole sequence; see `v4lens.model.kv_cache`).
+        stop_at_layer: run blocks 0..stop_at_layer-1 only and return their output streams
+        [b,p,n,d] (TransformerLens's option: cheap caching of early layers).
+        logits_to_keep: if > 0, run the head (and its hooks) on the last that many positions only
+        (transformers' option: a long prompt's [b, p, V] fp32 logits are 0.5 GB per 1k tokens).
+        """
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if logits_to_keep and return_type in ("loss", "both"):
+            raise ValueError("the loss needs the logits of every position: drop logits_to_keep")
+        if stop_at_layer is not None and (past_kv_cache is not None or mtp):
+            raise ValueError("stop_at_layer cannot be combined with past_kv_cache or mtp (later layers would not run)")
+        tokens = self._validate_tokens(input)
+        # a chunk that fails half-way (a hook raising in layer 5, say) must not leave layers 0-4 advanced
+        with past_kv_cache.transaction() if past_kv_cache is not None else contextlib.nullcontext():
+            return self._forward(
+                tokens, return_type, mtp=mtp, mtp_next_tokens=mtp_next_tokens, loss_per_token=loss_per_token,
+                past_kv_cache=past_kv_cache, stop_at_layer=stop_at_layer, logits_to_keep=logits_to_keep,
+            )  # fmt: skip
+
+    def _forward(self, tokens, return_type, *, mtp, mtp_next_tokens, loss_per_token, past_kv_cache, stop_at_layer,
+                 logits_to_keep):  # fmt: skip
+        b, S = tokens.shape
+        if past_kv_cache is not None:
+            positions = past_kv_cache.start(tokens)
+            if mtp and past_kv_cache.length and past_kv_cache.mtp_length != past_kv_cache.length:
+                raise ValueError("mtp=True with past_kv_cache needs every earlier chunk run with mtp=True too")
+        else:
+            positions = torch.arange(S, device=tokens.device)
+
+        embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
+        # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
+        streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
+        for block in self.blocks[:stop_at_layer]:
+            streams = block(streams, positions, tokens, past_kv_cache)
+        if stop_at_layer is not None:
+            return streams
+        if return_type is None and not mtp:
+            if past_kv_cache is not None:
+                past_kv_cache.length += S
+            return None
+
+        logits = self._unembed(streams[:, -logits_to_keep:] if logits_to_keep else streams)
+        result = None
+        if return_type == "logits":
+            result = logits
+        elif return_type is not None:
+            loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+            result = loss if return_type == "loss" else (logits, loss)
+        mtp_logits = None
+        if mtp:
+            mtp_logits = self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep)
+        if past_kv_cache is not None:
+            past_kv_cache.length += S
+            if mtp:
+                past_kv_cache.mtp_length = past_kv_cache.length
+        return (result, mtp_logits) if mtp else result
+
+    def _unembed(self, streams: torch.Tensor) -> torch.Tensor:
+        h = self.ln_final(self.hc_head(streams))
+        return self.hook_logits(fp32_logits(h, self.head.weight))
+
+    def _run_mtp(self, streams, tokens, logits, positions, next_tokens, cache=None, keep: int = 0) -> list[torch.Tensor]:
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP blocks (cfg.n_mtp_layers = 0)")
+        if cache is not None and len(self.mtp) > 1:
+            raise NotImplementedError("incremental decoding supports one MTP block (V4-Flash and mini-3b have one)")
+        b, S = tokens.shape
+        if next_tokens is not None:
+            next_tokens = torch.as_tensor(next_tokens, device=tokens.device).reshape(b, -1)
+            self._check_token_range(next_tokens)
+        out = []
+        stream, prev_logits, shifted = streams, logits, tokens
+        for j, block in enumerate(self.mtp):
+            # token t+1+j for every position t: the real one where it exists, else a draft
+            if next_tokens is not None and next_tokens.shape[1] > j:
+                last = next_tokens[:, j : j + 1]
+            else:
+                last = prev_logits[:, -1:].argmax(-1)
+            shifted = torch.cat([shifted[:, 1:], last], dim=1)
+            if cache is None:
+                stream = block(stream, F.embedding(shifted, self.embed.weight), positions)
+            else:
+                stream = self._cached_mtp(block, stream, tokens, shifted, positions, cache)
+            prev_logits = block.logits(stream[:, -(keep or S) :], self.head.weight)
+            out.append(prev_logits)
+        return out
+
+    def _cached_mtp(self, block, streams, tokens, next_ids, positions, cache: V4KVCache) -> torch.Tensor:
+        """The MTP block on a chunk with a decoding cache. Position t needs token t+1, so the
+        previous chunk's last position (whose next token was a draft then) runs again first, now
+        with this chunk's first token, and the state keeps every position but this chunk's last
+        (a draft again). Its hooks see that extra first position."""
+        if cache.mtp_pending is not None:
+            streams = torch.cat([cache.mtp_pending, streams], dim=1)
+            next_ids = torch.cat([tokens[:, :1], next_ids], dim=1)
+            positions = torch.cat([positions[:1] - 1, positions])
+        cache.mtp_pending = streams[:, -1:].clone()
+        cache.commit = streams.shape[1] - 1
+        try:
+            return block(streams, F.embedding(next_ids, self.embed.weight), positions, cache)
+        finally:
+            cache.commit = None
+
+    # ------------------------------------------------------------------ input checks
+    def _validate_tokens(self, input) -> torch.Tensor:
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            input = self.to_tokens(input)
+        if isinstance(input, (list, tuple)):
+            input = torch.tensor(input, dtype=torch.long)
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be text, a list of texts or an int64 token tensor, got {type(input).__name__}")
+        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
+            raise TypeError(f"tokens must be an integer tensor, got {input.dtype}")
+        if input.ndim == 1:
+            input = input[None]
+        if input.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos] or [pos], got shape {tuple(input.shape)}")
+        if input.numel() == 0:
+            raise ValueError(f"empty input: tokens of shape {tuple(input.shape)}")
+        if input.device != self.device:
+            raise ValueError(
+                f"tokens are on {input.device} but the model is on {self.device}; move them with .to(model.device)"
+            )
+        input = input.long()
+        self._check_token_range(input)
+        return input
+
+    def _check_token_range(self, tokens: torch.Tensor) -> None:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.d_vocab:
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got values in [{lo}, {hi}]")
+
+    # ------------------------------------------------------------------ caching
+    def check_hook_names(self, names) -> None:
+        """Raise a KeyError naming every unknown hook (with near matches) in `names`."""
+        unknown = [n for n in names if isinstance(n, str) and n not in self.hook_dict]
+        if unknown:
+            import difflib
+
+            hints = {n: difflib.get_close_matches(n, self.hook_dict, n=3) for n in unknown}
+            raise KeyError(
+                f"unknown hook name(s): {hints} (every name, shape and meaning: docs/hooks.md in the v4lens "
+                "repository; model.hook_dict lists this model's hook points)"
+            )
+
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
+        self.check_hook_names([n for n, _ in list(fwd_hooks) + list(bwd_hooks)])
+        return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        if isinstance(name, str):
+            self.check_hook_names([name])
+        return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    # ------------------------------------------------------------------ doors to the other rooms
+    # The model room imports nothing from the rest of v4lens when it is imported (no cycles, and
+    # `v4lens.model` stays the network alone). These conveniences are thin doors, each importing
+    # its room on first use — the only such imports in the model room:
+    #   tokenizer                           -> v4lens.tokenizer.load_tokenizer (the real V4 tokenizer)
+    #   generate                            -> v4lens.generate.generate
+    #   save_pretrained                     -> v4lens.weights.saving.save_pretrained
+    #   run_with_cache, get_caching_hooks   -> v4lens.analysis.caching
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from ..tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tok) -> None:
+        self._tokenizer = tok
+
+    def generate(self, input, max_new_tokens: int = 20, **kwargs):
+        """Greedy or sampled generation with hooks active at every step; see `v4lens.generate.generate`."""
+        from ..generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
+    def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None):
+        """Write safetensors + config.json in transformers' layout (`format="hf"`) or DeepSeek's
+        (`"official"`); `v4lens.load(path)` reads either back bit-exactly. See `v4lens.weights.saving`."""
+        from ..weights.saving import save_pretrained
+
+        return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, dtype=dtype)
+
+    def run_with_cache(self, *args, **kwargs):
+        """TransformerLens's `run_with_cache`, returning a stream-aware `V4ActivationCache`
+        (position slicing uses each hook's real position axis; see `v4lens.analysis.caching`)."""
+        from ..analysis.caching import run_with_cache
+
+        return run_with_cache(self, *args, **kwargs)
+
+    def get_caching_hooks(self, *args, **kwargs):
+        """TransformerLens's `get_caching_hooks` with V4's position axes (streams are 4-D)."""
+        from ..analysis.caching import caching_hooks
+
+        return caching_hooks(self, *args, **kwargs)
+
+
+def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
+    """Next-token cross-entropy: logits [b,p,V] fp32, tokens [b,p] -> scalar (or [b,p-1])."""
+    if tokens.shape[1] < 2:
+        raise ValueError("a loss needs at least two tokens per sequence")
+    logprobs = logits[:, :-1].log_softmax(-1)
+    nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
+    return nll if per_token else nll.mean()

@@ -1,0 +1,122 @@
+"""Tensor names in the three layouts v4lens reads and writes.
+
+- v4lens: the module tree (`blocks.3.attn.wq_a`, `blocks.3.mlp.experts.w1` stacked [E, I, D]);
+- official: DeepSeek's `inference/model.py` names (`layers.3.attn.wq_a.weight`,
+  `layers.3.ffn.experts.17.w1.weight`);
+- transformers: `DeepseekV4ForCausalLM`'s module names, and the names its `save_pretrained`
+  writes (the official names with a `model.` prefix and four renames, see `hf_saved_name`).
+
+`canonical_name` maps any of them to v4lens; `official_name` and `hf_saved_name` go back.
+"""
+
+from __future__ import annotations
+
+import re
+
+# (pattern, replacement) applied in order to a name with any leading "model." removed.
+# Left: transformers' module names (HF 5.23 internals) and the names its save_pretrained writes;
+# right: DeepSeek's official names, which the second table maps to v4lens.
+_HF_TO_OFFICIAL = [
+    (r"^embed_tokens\.", "embed."),
+    (r"^lm_head\.", "head."),
+    (r"^hc_head\.hc_(fn|base|scale)$", r"hc_head_\1"),
+    (r"\.self_attn\.", ".attn."),
+    (r"\.mlp\.", ".ffn."),
+    (r"\.input_layernorm\.", ".attn_norm."),
+    (r"\.post_attention_layernorm\.", ".ffn_norm."),
+    (r"\.(attn|ffn)_hc\.(fn|base|scale)$", r".hc_\1_\2"),
+    (r"\.sinks$", ".attn_sink"),
+    (r"\.compressor\.indexer\.scorer\.weights_proj\.", ".indexer.weights_proj."),
+    (r"\.compressor\.indexer\.q_b_proj\.", ".indexer.wq_b."),
+    (r"\.compressor\.indexer\.", ".indexer.compressor."),
+    (r"\.compressor\.kv_norm\.", ".compressor.norm."),
+    (r"\.position_bias$", ".ape"),
+    (r"\.q_a_proj\.", ".wq_a."),
+    (r"\.q_b_proj\.", ".wq_b."),
+    (r"\.q_a_norm\.", ".q_norm."),
+    (r"\.compressor\.kv_proj\.", ".compressor.wkv."),
+    (r"\.compressor\.gate_proj\.", ".compressor.wgate."),
+    (r"\.kv_proj\.", ".wkv."),
+    (r"\.o_a_proj\.", ".wo_a."),
+    (r"\.o_b_proj\.", ".wo_b."),
+    (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
+    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+    (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."),
+    (r"\.attn\.norm\.weight$", ".attn.kv_norm.weight"),  # what HF 5.23's save_pretrained writes
+]
+_OFFICIAL_TO_V4LENS = [
+    (r"^layers\.(\d+)\.", r"blocks.\1."),
+    (r"^norm\.weight$", "ln_final.w"),
+    (r"^hc_head_(fn|base|scale)$", r"hc_head.\1"),
+    (r"^(mtp\.\d+)\.norm\.weight$", r"\1.ln_final.w"),
+    (r"^(mtp\.\d+)\.hc_head_(fn|base|scale)$", r"\1.hc_head.\2"),
+    (r"\.attn_norm\.weight$", ".ln1.w"),
+    (r"\.ffn_norm\.weight$", ".ln2.w"),
+    (r"\.hc_attn_(fn|base|scale)$", r".attn_hc.\1"),
+    (r"\.hc_ffn_(fn|base|scale)$", r".mlp_hc.\1"),
+    (r"\.ffn\.", ".mlp."),
+    (r"\.(q_norm|kv_norm|norm|enorm|hnorm)\.weight$", r".\1.w"),
+    (r"\.(wq_a|wq_b|wkv|wgate|wo_a|wo_b|weights_proj|e_proj|h_proj|w1|w2|w3)\.weight$", r".\1"),
+]
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(w[123])$")
+_IGNORED = re.compile(r"^mtp\.\d+\.(emb|embed|head)\.")
+
+
+def canonical_name(name: str, with_expert: bool = False):
+    """Any known checkpoint name -> the v4lens parameter name (and the expert index for per-expert tensors).
+
+    Returns None (or (None, None)) for tensors v4lens ignores on purpose.
+    """
+    n = re.sub(r"^model\.", "", name)
+    for pattern, repl in _HF_TO_OFFICIAL:
+        n = re.sub(pattern, repl, n)
+    if _IGNORED.search(n):
+        return (None, None) if with_expert else None
+    for pattern, repl in _OFFICIAL_TO_V4LENS:
+        n = re.sub(pattern, repl, n)
+    expert = None
+    match = _EXPERT.search(n)
+    if match:
+        expert = int(match.group(1))
+        n = n[: match.start()] + f".mlp.experts.{match.group(2)}"
+    return (n, expert) if with_expert else n
+
+
+# v4lens -> official, applied in order (the inverse of _OFFICIAL_TO_V4LENS).
+_V4LENS_TO_OFFICIAL = [
+    (r"^blocks\.(\d+)\.", r"layers.\1."),
+    (r"(^|\.)ln_final\.w$", r"\1norm.weight"),
+    (r"(^|\.)hc_head\.(fn|base|scale)$", r"\1hc_head_\2"),
+    (r"\.ln1\.w$", ".attn_norm.weight"),
+    (r"\.ln2\.w$", ".ffn_norm.weight"),
+    (r"\.attn_hc\.(fn|base|scale)$", r".hc_attn_\1"),
+    (r"\.mlp_hc\.(fn|base|scale)$", r".hc_ffn_\1"),
+    (r"\.mlp\.", ".ffn."),
+    (r"\.(q_norm|kv_norm|norm|enorm|hnorm)\.w$", r".\1.weight"),
+    (r"\.(wq_a|wq_b|wkv|wgate|wo_a|wo_b|weights_proj|e_proj|h_proj|w1|w2|w3)$", r".\1.weight"),
+]
+
+
+def official_name(name: str, expert: int | None = None) -> str:
+    """v4lens name (and expert index for the stacked expert tensors) -> DeepSeek's official name."""
+    for pattern, repl in _V4LENS_TO_OFFICIAL:
+        name = re.sub(pattern, repl, name)
+    if expert is not None:
+        name = re.sub(r"\.experts\.(w[123])\.weight$", rf".experts.{expert}.\1.weight", name)
+    return name
+
+
+def hf_saved_name(official: str) -> str:
+    """Official name -> the name transformers' `save_pretrained` writes for DeepseekV4ForCausalLM.
+
+    The official name with a `model.` prefix, except: the embedding is `embed_tokens`, the head
+    stays unprefixed, hc_head's tensors sit in a module, and the attention's kv_norm is `norm`.
+    MTP tensors (which transformers ignores) keep their official names.
+    """
+    if official.startswith("mtp.") or official == "head.weight":
+        return official
+    name = re.sub(r"^embed\.", "embed_tokens.", official)
+    name = re.sub(r"^hc_head_(fn|base|scale)$", r"hc_head.hc_\1", name)
+    name = re.sub(r"\.attn\.kv_norm\.weight$", ".attn.norm.weight", name)
+    return "model." + name
