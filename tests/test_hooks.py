@@ -1,4 +1,4 @@
-"""The hook catalogue of ../shared/HOOKS.md: names, shapes, dtypes, invariants, and edits.
+"""The hook catalogue (docs/hooks.md): names, shapes, dtypes, invariants, and edits.
 
 Every editable hook gets an edit whose downstream effect is checked against the math
 (SPEC §A2 mHC, §A4 attention, §A5 compressor, §A6 indexer, §A8 MoE), not merely "it changed".
@@ -69,7 +69,7 @@ def block_names(cfg, layer: int, prefix: str) -> tuple[list[str], list[str]]:
 
 
 def catalogue(cfg) -> tuple[list[str], list[str]]:
-    """Every HOOKS.md name a model with `cfg` must expose, and prefixes it must not expose."""
+    """Every catalogue name a model with `cfg` must expose, and prefixes it must not expose."""
     present, absent = list(TOP), []
     for layer in range(cfg.n_layers):
         p, a = block_names(cfg, layer, f"blocks.{layer}")
@@ -84,7 +84,7 @@ def catalogue(cfg) -> tuple[list[str], list[str]]:
 
 
 def expected_shape(name: str, cfg, b: int, S: int) -> tuple[int, ...]:
-    """The HOOKS.md shape of hook `name` for a batch [b, S]."""
+    """The catalogue shape of hook `name` for a batch [b, S]."""
     D, n, H, c, E, k = cfg.d_model, cfg.hc_mult, cfg.n_heads, cfg.head_dim, cfg.n_routed_experts, cfg.n_activated_experts
     m = re.match(r"(blocks|mtp)\.(\d+)\.(.*)$", name)
     if m is None:  # top level
