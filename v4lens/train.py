@@ -189,19 +189,23 @@ def train(
     save_every: int | None = None,
     threads: int | None = None,
     task_kwargs: dict | None = None,
+    overwrite: bool = False,
 ) -> tuple[HookedV4, dict]:
     """Train a model (a config or preset name: fresh random init from `seed`; a HookedV4: in place).
 
     Returns (model in eval mode, history). history: `step`/`loss`/`kl`/`lr` per step, `load_cv`
     (mean load CV over learned MoE layers, per step), `eval` (dicts with step, loss, acc, and for
     "mix" both tasks), `final` (the last eval), `time_s`, `args`. With `out`, the final model is
-    written there by `save_pretrained` together with `train.json` (args + history); `save_every`
-    also writes `out/step-{N}/` checkpoints.
+    written there (transformers' layout) together with `train.json` (args + history); `save_every`
+    also writes `out/step-{N}/` checkpoints. `out` is checked before training: a non-empty folder
+    that is not a checkpoint v4lens wrote is refused unless `overwrite` (see `weights.atomic`).
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     args = {k: v for k, v in locals().items() if k not in ("cfg_or_model", "out")}
     args["out"] = str(out) if out is not None else None
+    if out is not None:  # a refused or unwritable `out` fails now, not after the training
+        _check_out(out, overwrite)
     if threads is not None:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -253,6 +257,8 @@ def train(
 
     from tqdm.auto import tqdm
 
+    from .weights.saving import write_checkpoint
+
     start = time.time()
     model.train()
     bar = tqdm(range(steps), desc=f"train {model.cfg.name}", disable=not progress)
@@ -288,7 +294,7 @@ def train(
         elif step % 10 == 0:
             bar.set_postfix(loss=round(loss.item(), 3), kl=round(kl.item(), 3))
         if out is not None and save_every and (step + 1) % save_every == 0 and step + 1 != steps:
-            model.save_pretrained(Path(out) / f"step-{step + 1}")
+            write_checkpoint(Path(out) / f"step-{step + 1}", model.state_dict(), model.cfg, overwrite=overwrite)
     if not history["eval"] or history["eval"][-1]["step"] != steps:
         run_eval(steps)
     _set_indexer_topk(model, model.cfg.index_topk)
@@ -296,13 +302,27 @@ def train(
     history["time_s"] = time.time() - start
     history["args"] = args
     model.eval()
-    if out is not None:
-        out = Path(out)
-        model.save_pretrained(out)
-        (out / "train.json").write_text(json.dumps(
-            {"args": args, "final": history["final"], "time_s": round(history["time_s"], 1),
-             "eval": history["eval"], "torch": torch.__version__}, indent=2) + "\n")  # fmt: skip
+    if out is not None:  # the checkpoint and its train.json, written together (atomically)
+        record = json.dumps({"args": args, "final": history["final"], "time_s": round(history["time_s"], 1),
+                             "eval": history["eval"], "torch": torch.__version__}, indent=2) + "\n"  # fmt: skip
+        write_checkpoint(out, model.state_dict(), model.cfg, overwrite=overwrite,
+                         extra_files={"train.json": record}, ours=_step_checkpoints(out))  # fmt: skip
     return model, history
+
+
+def _step_checkpoints(out: str | Path) -> list[str]:
+    """The `step-N` checkpoints (this run's or an earlier one's) in `out`: train's own, not a user's files."""
+    from .weights.atomic import manifest_files
+
+    out = Path(out)
+    return [p.name for p in out.glob("step-*") if p.is_dir() and manifest_files(p) is not None] if out.is_dir() else []
+
+
+def _check_out(out: str | Path, overwrite: bool) -> None:
+    """The rule every checkpoint writer follows (`weights.atomic.check_target`), applied to --out."""
+    from .weights.atomic import check_target
+
+    check_target(out, overwrite, ours=_step_checkpoints(out))
 
 
 # ---------------------------------------------------------------------- CLI
@@ -325,14 +345,20 @@ def main(argv=None) -> None:
     p.add_argument("--length", type=int, default=None, help="induction: length of the repeated sequence")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = bit-reproducible)")
     p.add_argument("--out", default=None, help="directory for the final checkpoint (+ train.json)")
+    p.add_argument("--overwrite", action="store_true", help="let --out be a non-empty folder v4lens did not write")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     task_kwargs = {k: getattr(a, k) for k in ("n_pairs", "n_keys", "n_values", "length") if getattr(a, k) is not None}
+    if a.out is not None:
+        try:
+            _check_out(a.out, a.overwrite)
+        except OSError as e:  # a usage error: exit 2 with one line, before any training
+            p.exit(2, f"{p.prog}: error: --out: {e}\n")
     _, history = train(
         a.preset, task=a.task, steps=a.steps, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
         eval_every=a.eval_every, out=a.out, progress=not a.no_progress, bias_update_speed=a.bias_update_speed,
         weight_decay=a.weight_decay, dense_indexer_frac=a.dense_indexer_frac, save_every=a.save_every,
-        threads=a.threads, task_kwargs=task_kwargs,
+        threads=a.threads, task_kwargs=task_kwargs, overwrite=a.overwrite,
     )  # fmt: skip
     print(json.dumps({"final": history["final"], "time_s": round(history["time_s"], 1)}))
 

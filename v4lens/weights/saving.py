@@ -3,6 +3,11 @@
 Both layouts hold one tensor per expert (`...experts.{e}.w1.weight`); v4lens stacks them.
 Tensors are written in the dtype the model holds them in (a bf16 model: bf16 matrices, its
 fp32 islands in fp32), so `v4lens.load` gives back the same bits.
+
+Every writer goes through `weights.atomic.writing_checkpoint`: a folder that is not empty and not a
+checkpoint v4lens wrote is refused unless overwrite=True, only files v4lens wrote are replaced, and
+the new files reach the folder only once all of them are complete (an interrupted save leaves the
+old checkpoint as it was).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..model.config import V4Config
+from ..model.config import V4Config, resolve_dtype
+from .atomic import writing_checkpoint
 from .names import hf_saved_name, official_name
 from .safetensors_io import write_file
 
@@ -23,36 +29,60 @@ _STACKED_EXPERTS = re.compile(r"\.experts\.w[123]$")
 
 
 def save_pretrained(
-    model, path: str | Path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None, metadata=None
-) -> Path:
+    model, path: str | Path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None, metadata=None,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
     """Write `model` (a HookedV4) to the directory `path`; returns the path.
 
     format: "hf" (transformers' `save_pretrained` layout and config.json, loadable by
     `AutoModelForCausalLM.from_pretrained`; the MTP block under `mtp.{i}.*`, which
     transformers ignores) or "official" (DeepSeek's names and ModelArgs config.json).
     max_shard_size: bytes or a string like "5GB"; larger checkpoints are sharded with an index.
-    dtype: cast the matrices (not the fp32 islands) before writing, e.g. torch.bfloat16.
+    dtype: cast the matrices (not the fp32 islands) before writing: torch.float32 / torch.bfloat16 or
+    "fp32" / "float32" / "bf16" / "bfloat16" (the dtypes v4lens loads back).
     metadata: extra string key/values for the safetensors header.
+    overwrite: write into a non-empty folder that v4lens did not write (its model*.safetensors, index,
+    config.json and slice.json are replaced; other files are kept). Without it that is a FileExistsError.
     """
+    dtype = _save_dtype(dtype)
+    shard_size_bytes(max_shard_size)  # a bad size fails before the state dict is cast
     islands = model._fp32_islands
     state = model.state_dict()
     if dtype is not None:
         state = {n: t.to(dtype) if t.is_floating_point() and n not in islands else t for n, t in state.items()}
-    return write_checkpoint(path, state, model.cfg, format, max_shard_size, metadata)
+    return write_checkpoint(path, state, model.cfg, format, max_shard_size, metadata, overwrite=overwrite)
+
+
+def _save_dtype(dtype) -> torch.dtype | None:
+    """Only dtypes `v4lens.load` reads back: saving fp16 or int8 would write a checkpoint it refuses."""
+    ok = dtype is None or dtype in (torch.float32, torch.bfloat16) or dtype in ("fp32", "float32", "bf16", "bfloat16")
+    if not ok:
+        raise ValueError(
+            "dtype must be torch.float32 or torch.bfloat16 (or 'fp32' / 'float32' / 'bf16' / 'bfloat16'), "
+            f"the dtypes v4lens loads; got {dtype!r}"
+        )
+    return None if dtype is None else resolve_dtype(dtype)
 
 
 def write_checkpoint(
     path: str | Path, state: dict[str, torch.Tensor], cfg: V4Config, format: str = "hf",
-    max_shard_size: int | str = "5GB", metadata: dict | None = None, progress: bool = False,
+    max_shard_size: int | str = "5GB", metadata: dict | None = None, progress: bool = False, *,
+    overwrite: bool = False, extra_files: dict[str, str] | None = None, ours=(),
 ) -> Path:  # fmt: skip
-    """Write a v4lens-named state dict (stacked experts) and its config in `format`."""
+    """Write a v4lens-named state dict (stacked experts) and its config in `format`, atomically.
+
+    extra_files: more files of the checkpoint (name -> text: slice.json, train.json), written with it.
+    overwrite / ours: see `weights.atomic.check_target`.
+    """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_config(path, cfg, format)
-    write_safetensors(path, layout_tensors(state, format), _bytes(max_shard_size), metadata, progress)
-    return path
+    shard_bytes = shard_size_bytes(max_shard_size)
+    with writing_checkpoint(path, overwrite, ours) as tmp:
+        write_config(tmp, cfg, format)
+        write_safetensors(tmp, layout_tensors(state, format), shard_bytes, metadata, progress)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+    return Path(path)
 
 
 def layout_tensors(state: dict[str, torch.Tensor], format: str) -> Iterable[tuple[str, torch.Tensor]]:
@@ -84,7 +114,8 @@ def write_safetensors(
     path: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_size: int,
     metadata: dict | None = None, progress: bool = False,
 ) -> None:  # fmt: skip
-    """One `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`."""
+    """One `model.safetensors`, or shards `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`,
+    into the folder `path`, which holds no other safetensors (write_checkpoint gives it a fresh one)."""
     from tqdm.auto import tqdm
 
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
@@ -103,8 +134,6 @@ def write_safetensors(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    for stale in list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json")):
-        stale.unlink()  # a previous save's shards would otherwise be read too
     for file, shard in tqdm(list(zip(names, shards)), desc="writing shards", disable=not progress):
         write_file(path / file, shard, meta)
     if len(shards) > 1:
@@ -113,10 +142,15 @@ def write_safetensors(
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _bytes(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
-    if not match:
-        raise ValueError(f"max_shard_size must be bytes or like '5GB', not {size!r}")
-    return int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
+def shard_size_bytes(size: int | str) -> int:
+    """max_shard_size (bytes, or a string like "5GB" / "100KB") -> a positive number of bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper()) if isinstance(size, str) else None
+    if match:
+        n = int(float(match.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match.group(2)])
+    elif isinstance(size, int) and not isinstance(size, bool):
+        n = size
+    else:
+        raise ValueError(f"max_shard_size must be a number of bytes or a string like '5GB', not {size!r}")
+    if n <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r} ({n} bytes)")
+    return n
