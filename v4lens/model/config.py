@@ -10,6 +10,8 @@ to the names of transformers' and DeepSeek's config files.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,9 +38,31 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
                 f"v4lens runs in float32 or bfloat16 (bf16 with the reference's fp32 islands), got {dtype}"
             )
         return dtype
+    if not isinstance(dtype, str):
+        raise TypeError(f"dtype must be a torch dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
+
+
+def _is_int(x: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+# V4Config's numeric fields and their lower bounds (checked by V4Config.validate)
+_INTS = {
+    **dict.fromkeys(("d_vocab", "d_model", "n_layers", "n_heads", "head_dim", "rope_head_dim", "q_lora_rank",
+                     "o_lora_rank", "o_groups", "window_size", "max_position_embeddings", "n_routed_experts",
+                     "n_activated_experts", "moe_inter_dim", "hc_mult", "hc_sinkhorn_iters", "attn_chunk_size"), 1),
+    **dict.fromkeys(("original_seq_len", "index_n_heads", "index_head_dim", "index_topk", "n_shared_experts",
+                     "n_hash_layers", "n_mtp_layers", "bos_token_id", "eos_token_id", "pad_token_id"), 0),
+}  # fmt: skip
+_REALS = {
+    **dict.fromkeys(("rope_theta", "compress_rope_theta", "rope_factor", "beta_fast", "beta_slow", "route_scale",
+                     "hc_eps", "norm_eps", "initializer_range"), "> 0"),
+    "swiglu_limit": ">= 0",  # 0 turns the clamp off (DeepSeek's ModelArgs default)
+}  # fmt: skip
 
 
 @dataclass
@@ -102,7 +126,11 @@ class V4Config:
     qat: bool = False  # the reference's FP8/FP4 QAT simulation is not implemented
 
     def __post_init__(self):
-        self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
+        if isinstance(self.compress_ratios, (str, bytes)) or not hasattr(self.compress_ratios, "__iter__"):
+            raise TypeError(f"invalid V4Config ({self.name}): compress_ratios must be a sequence of ints, "
+                            f"got {self.compress_ratios!r}")  # fmt: skip
+        # numpy ints become ints; anything else ("4", 4.5, True) is left for validate() to refuse
+        self.compress_ratios = tuple(int(r) if _is_int(r) else r for r in self.compress_ratios)
         self.dtype = resolve_dtype(self.dtype)
         if self.device is not None:
             self.device = torch.device(self.device)
@@ -110,17 +138,28 @@ class V4Config:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        def fail(msg: str):
-            raise ValueError(f"invalid V4Config ({self.name}): {msg}")
+        def fail(msg: str, error: type = ValueError):
+            raise error(f"invalid V4Config ({self.name}): {msg}")
 
-        positive = [
-            "d_vocab", "d_model", "n_layers", "n_heads", "head_dim", "q_lora_rank", "o_lora_rank",
-            "o_groups", "window_size", "n_routed_experts", "n_activated_experts", "moe_inter_dim",
-            "hc_mult", "hc_sinkhorn_iters", "attn_chunk_size",
-        ]  # fmt: skip
-        for name in positive:
-            if int(getattr(self, name)) <= 0:
-                fail(f"{name} must be positive, got {getattr(self, name)}")
+        # a string "64" or a float 4.5 must not pass as a size (nor True as 1); NaN fails `x > 0`
+        for name, low in _INTS.items():
+            value = getattr(self, name)
+            if not _is_int(value) and not (name == "pad_token_id" and value is None):
+                fail(f"{name} must be an int, got {value!r} ({type(value).__name__})", TypeError)
+            if value is not None and value < low:
+                fail(f"{name} must be {'positive' if low else '>= 0'}, got {value}")
+        for name, bound in _REALS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                fail(f"{name} must be a number, got {value!r} ({type(value).__name__})", TypeError)
+            if not (math.isfinite(value) and (value > 0 if bound == "> 0" else value >= 0)):
+                fail(f"{name} must be a finite number {bound}, got {value}")
+        for name in ("use_attn_result", "use_expert_out", "qat", "score_func", "name"):
+            kind = str if name in ("score_func", "name") else bool
+            if not isinstance(getattr(self, name), kind):
+                fail(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}", TypeError)
+        if bad := [r for r in self.compress_ratios if not _is_int(r)]:
+            fail(f"compress_ratios must hold ints, got {bad[0]!r} in {self.compress_ratios}", TypeError)
         if self.n_heads % self.o_groups:
             fail(f"n_heads ({self.n_heads}) must be divisible by o_groups ({self.o_groups})")
         if self.rope_head_dim % 2 or not 0 < self.rope_head_dim <= self.head_dim:
@@ -133,8 +172,6 @@ class V4Config:
             fail(f"n_shared_experts must be 1 (the reference asserts it), got {self.n_shared_experts}")
         if self.score_func not in SCORE_FUNCS:
             fail(f"score_func {self.score_func!r} not in {SCORE_FUNCS}")
-        if self.n_mtp_layers < 0:
-            fail(f"n_mtp_layers must be >= 0, got {self.n_mtp_layers}")
         if len(self.compress_ratios) not in (self.n_layers, self.n_layers + self.n_mtp_layers):
             fail(
                 f"compress_ratios has {len(self.compress_ratios)} entries; expected n_layers "
@@ -149,8 +186,6 @@ class V4Config:
                 fail("CSA layers need positive index_n_heads, index_head_dim and index_topk")
             if self.index_head_dim < self.rope_head_dim:
                 fail(f"index_head_dim ({self.index_head_dim}) < rope_head_dim ({self.rope_head_dim})")
-        if self.original_seq_len < 0 or self.rope_factor <= 0:
-            fail("original_seq_len must be >= 0 and rope_factor > 0")
         if self.qat:
             fail("qat=True (FP8/FP4 QAT simulation) is not implemented; v4lens skips the reference's QAT rounding")
         if not 0 <= self.bos_token_id < self.d_vocab or not 0 <= self.eos_token_id < self.d_vocab:

@@ -104,7 +104,7 @@ def from_hf(hf_config: Any, **overrides) -> V4Config:
     if yarn and compress_rp.get("attention_factor") not in (None, 1.0):
         raise ValueError("v4lens follows DeepSeek's reference, which applies no YaRN attention factor (mscale)")
     kwargs.update(overrides)
-    return V4Config(**kwargs)
+    return _build(kwargs, hf_config)
 
 def to_hf(self: V4Config) -> Any:
     """A transformers `DeepseekV4Config` with the same math (explicit layer_types + compress_rates)."""
@@ -183,7 +183,7 @@ def from_official(model_args: Any, **overrides) -> V4Config:
     if "max_seq_len" in d and "original_seq_len" in d and d["original_seq_len"]:
         kwargs["max_position_embeddings"] = int(d["original_seq_len"] * d.get("rope_factor", 1))
     kwargs.update(overrides)
-    return V4Config(**kwargs)
+    return _build(kwargs, model_args)
 
 def to_official(self: V4Config) -> dict:
     """ModelArgs-style dict (DeepSeek's inference/config.json names)."""
@@ -204,11 +204,48 @@ def to_official(self: V4Config) -> dict:
         "hc_sinkhorn_iters": self.hc_sinkhorn_iters, "hc_eps": self.hc_eps,
     }  # fmt: skip
 
+# A config.json is a few KB; reading is capped so that a file symlinked to /dev/zero (or a huge
+# one) is an error instead of a read that lasts until memory runs out.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_config_json(path: str | Path, max_bytes: int = MAX_CONFIG_BYTES) -> dict:
+    """The JSON object in `path`; ValueError naming the file if it is larger than `max_bytes`,
+    not JSON, or not a JSON object (a list, a string, ...)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(
+            f"{path} is larger than {max_bytes / 2**20:g} MiB, far more than a config or index file holds; "
+            "not reading it (a symlink to a device, or the wrong file?)"
+        )
+    try:
+        d = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{...}}), not a JSON {type(d).__name__}")
+    return d
+
+
+def _build(kwargs: dict, source: Any) -> V4Config:
+    """V4Config(**kwargs); an invalid value read from a file names the file too."""
+    try:
+        return V4Config(**kwargs)
+    except (TypeError, ValueError) as e:
+        if isinstance(source, (str, Path)):
+            raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{source}: {e}") from e
+        raise
+
+
 def _as_dict(obj: Any) -> dict:
     if isinstance(obj, (str, Path)):
-        return json.loads(Path(obj).read_text())
+        return read_config_json(obj)
     if isinstance(obj, dict):
         return dict(obj)
+    if isinstance(obj, (list, tuple, int, float, bool)) or obj is None:
+        raise TypeError(f"expected a config (a dict, a config object or a config.json path), got {type(obj).__name__}")
     if hasattr(obj, "to_dict"):
         d = obj.to_dict()
         for name in ("qk_rope_head_dim",):

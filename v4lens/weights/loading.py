@@ -5,10 +5,8 @@ Nothing here downloads anything. Only safetensors files are read (never pickles)
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +15,11 @@ from pathlib import Path
 import torch
 
 from ..model import HookedV4
-from ..model.config import PRESETS, V4Config, preset, resolve_dtype
+from ..model.config import PRESETS, V4Config, resolve_dtype
+from ..model.config import preset as preset_config
+from .checkpoint import Checkpoint, detect_format, safetensors_files  # noqa: F401  (re-exported)
+from .memory import ModelTooLargeError, check_memory, model_bytes  # noqa: F401  (re-exported)
 from .names import canonical_name
-from .quant import dequantize
-from .safetensors_io import DTYPES, read_header, read_into
 
 # ---------------------------------------------------------------------- shipped checkpoints
 # Trained checkpoints inside the package (package data in v4lens/data/), checked before the
@@ -36,38 +35,78 @@ def shipped_checkpoint(name: str) -> Path | None:
 
 
 # ---------------------------------------------------------------------- public entry point
-def load(name_or_path: str | Path, device=None, dtype=None, seed: int = 0, **overrides) -> HookedV4:
+def load(
+    name_or_path: str | Path | None = None, device=None, dtype=None, seed: int = 0, *,
+    preset: str | None = None, max_memory: int | str | None = None, **overrides,
+) -> HookedV4:  # fmt: skip
     """A model in eval mode.
 
     name_or_path: a checkpoint shipped with v4lens (`"tiny-recall"`: trained on key->value recall,
     see v4lens.train; `seed` is unused), a preset (`"mini-3b"`, `"tiny"`: random-init scaffold,
     the same weights for the same seed on every machine) or a local directory of safetensors (transformers'
-    `DeepseekV4ForCausalLM.save_pretrained` layout, or DeepSeek's official names).
+    `DeepseekV4ForCausalLM.save_pretrained` layout, or DeepSeek's official names). A name that is
+    also a checkpoint folder in the current directory is refused as ambiguous: say `"./tiny"` for
+    the folder (a Path is always a folder) or `preset="tiny"` for the preset.
+    preset: a preset or shipped checkpoint by name, never a folder (instead of name_or_path).
     device / dtype: where and in what (fp32 default, or bf16 with fp32 islands) to build it.
+    max_memory: the most bytes the model may take (an int, or a string like "20GB"); default: the
+        device's free memory. A model that does not fit is refused (ModelTooLargeError, a
+        MemoryError and ValueError) before anything is allocated.
     overrides: V4Config fields for a preset (e.g. `use_attn_result=True`).
     """
-    path = Path(name_or_path)
-    if shipped_checkpoint(str(name_or_path)) is not None:  # trained weights shipped in the package; seed unused
-        model = load_checkpoint(shipped_checkpoint(str(name_or_path)), device=device, dtype=dtype, **overrides)
-    elif str(name_or_path) in PRESETS:
-        if str(name_or_path) in SHIPPED:
-            warnings.warn(f"no trained {name_or_path} checkpoint is shipped in this install: random-init weights")
-        cfg = preset(str(name_or_path), dtype=resolve_dtype(dtype), device=device, **overrides)
-        model = build_empty(cfg, device)
+    check_seed(seed, "load")
+    name = _model_name(name_or_path, preset)
+    if name is not None and shipped_checkpoint(name) is not None:  # trained weights shipped in the package
+        path = shipped_checkpoint(name)
+        model = load_checkpoint(path, device=device, dtype=dtype, max_memory=max_memory, **overrides)
+    elif name is not None and name in PRESETS:
+        if name in SHIPPED:
+            warnings.warn(f"no trained {name} checkpoint is shipped in this install: random-init weights")
+        cfg = preset_config(name, dtype=resolve_dtype(dtype), device=device, **overrides)
+        model = build_empty(cfg, device, max_memory)
         init_weights(model, seed)
-    elif path.is_dir():
-        model = load_checkpoint(path, device=device, dtype=dtype, **overrides)
+    elif name is None and Path(name_or_path).is_dir():
+        model = load_checkpoint(Path(name_or_path), device=device, dtype=dtype, max_memory=max_memory, **overrides)
     else:
         raise ValueError(
-            f"{name_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor a local checkpoint directory"
+            f"{name if name is not None else name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
+            "nor a local checkpoint directory"
         )
     return model.eval()
 
 
-def build_empty(cfg: V4Config, device=None) -> HookedV4:
-    """Allocate the model once on `device` (no initialisation, no second copy)."""
+def _model_name(name_or_path, preset: str | None) -> str | None:
+    """The preset / shipped checkpoint `load` was asked for by name, or None for a directory."""
+    if preset is not None:
+        if name_or_path is not None:
+            raise ValueError(f"give a name or path, or preset=, not both (got {name_or_path!r} and preset={preset!r})")
+        if not isinstance(preset, str) or (preset not in PRESETS and preset not in SHIPPED):
+            raise ValueError(f"preset={preset!r} is not a preset; presets: {', '.join(PRESETS)}")
+        return preset
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a preset name or a checkpoint directory (or give preset=...), "
+                        f"got {name_or_path!r}")  # fmt: skip
+    names = {*PRESETS, *SHIPPED}
+    if isinstance(name_or_path, str) and name_or_path in names:
+        if (Path(name_or_path) / "config.json").is_file():  # "tiny" is a preset and ./tiny a checkpoint
+            raise ValueError(
+                f"{name_or_path!r} is both a model v4lens knows by name and a checkpoint folder here "
+                f"({Path(name_or_path).resolve()}); say which: v4lens.load('./{name_or_path}') for the folder, "
+                f"or v4lens.load(preset='{name_or_path}') for the named model"
+            )
+        return name_or_path
+    if isinstance(name_or_path, Path) and str(name_or_path) in names and not name_or_path.is_dir():
+        return str(name_or_path)  # a Path is a folder; with no such folder, Path("tiny") keeps meaning the preset
+    return None
+
+
+def build_empty(cfg: V4Config, device=None, max_memory=None) -> HookedV4:
+    """Allocate the model once on `device` (no initialisation, no second copy), after checking that it
+    fits (`max_memory`, default the device's free memory): ModelTooLargeError otherwise."""
+    check_memory(cfg, device, max_memory)  # a lower bound from the config, before even the meta build
     with torch.device("meta"):
         model = HookedV4(cfg)
+    check_memory(cfg, device, max_memory, model_bytes(model))  # exact: fp32 islands and buffers included
     model.to_empty(device=device or "cpu")
     cfg.device = model.device
     return model
@@ -86,6 +125,7 @@ def init_weights(model: HookedV4, seed: int = 0) -> None:
     Each tensor draws from its own CPU generator seeded by (seed, name), so a weight does not
     depend on the device, on the dtype or on which other modules exist.
     """
+    check_seed(seed, "init_weights")
     std = model.cfg.initializer_range
 
     @torch.no_grad()  # grad mode is per thread
@@ -114,185 +154,25 @@ def init_weights(model: HookedV4, seed: int = 0) -> None:
                 buf.copy_(rows)
 
 
+def check_seed(seed, where: str) -> None:
+    """The random init's seed: an int in [0, 2**32) (`_generator` mixes it into a 64-bit seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"{where}: seed must be an int in [0, 2**32) (it seeds the random init), got {seed!r}")
+
+
 def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 0x9E3779B1 + zlib.crc32(name.encode()))
 
 
 # ---------------------------------------------------------------------- checkpoints
-def detect_format(path: Path) -> str:
-    """'hf' (transformers config.json) or 'official' (DeepSeek ModelArgs config.json)."""
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{path} has no config.json; expected a transformers or DeepSeek checkpoint directory")
-    d = json.loads(cfg_file.read_text())
-    if d.get("model_type") == "deepseek_v4" or "hidden_size" in d:
-        return "hf"
-    if "dim" in d and "n_layers" in d:
-        return "official"
-    raise ValueError(
-        f"{cfg_file}: neither a transformers DeepseekV4 config (model_type 'deepseek_v4', hidden_size, ...) "
-        "nor DeepSeek's ModelArgs config (dim, n_layers, ...)"
-    )
-
-
-def safetensors_files(path: Path) -> list[Path]:
-    """The checkpoint's safetensors files (from the index if there is one). Pickles are refused."""
-    index = path / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} names shard(s) that do not exist: {missing}")
-        return files
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
-        if pickles:
-            raise ValueError(
-                f"{path} holds only pickle weights ({', '.join(pickles)}); v4lens loads safetensors only, because "
-                "unpickling can run arbitrary code. Convert them with safetensors.torch.save_file first."
-            )
-        raise FileNotFoundError(f"{path} has no .safetensors files")
-    return files
-
-
-_QUANTISED = ("F8_E4M3", "I8", "U8")  # stored weight dtypes that come with a scale tensor
-
-
-class Checkpoint:
-    """A local checkpoint directory opened for reading: its layout, config and tensors.
-
-    Each file is validated by safetensors when opened; tensor data is then read with
-    positional reads of the byte ranges its header gives (thread-safe, no memory-mapped pages
-    that would count in the process's RSS). FP8 / FP4 weights with a `<name>.scale` (or
-    `.weight_scale_inv`) are dequantised to fp32 on read. Use as a context manager, or call
-    `close()`.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.format = detect_format(self.path)
-        self.raw_config = json.loads((self.path / "config.json").read_text())
-        self._lock = threading.Lock()
-        self._fds: dict[Path, int] = {}
-        self._entry: dict[str, tuple[Path, int, dict]] = {}  # key -> (file, data start, header entry)
-        for f in safetensors_files(self.path):
-            for key, (data_start, entry) in read_header(f).items():
-                self._entry[key] = (f, data_start, entry)
-        self._scale: dict[str, str] = {}  # quantised weight -> its scale tensor
-        for key in self._entry:
-            for suffix in (".scale", ".weight_scale_inv"):
-                weight = key[: -len(suffix)] + ".weight"
-                if key.endswith(suffix) and weight in self._entry and self.stored_dtype(weight) in _QUANTISED:
-                    self._scale[weight] = key
-        unscaled = [
-            k for k in self._entry
-            if k.endswith(".weight") and self.stored_dtype(k) in _QUANTISED and k not in self._scale
-        ]  # fmt: skip
-        if unscaled:
-            raise ValueError(f"{self.path}: quantised tensors without a `.scale` tensor: {unscaled[:10]}")
-        scales = set(self._scale.values())
-        self.keys = [k for k in self._entry if k not in scales]
-
-    def stored_dtype(self, key: str) -> str:
-        """The safetensors dtype string of a stored tensor ("BF16", "F8_E4M3", "I8", ...)."""
-        return self._entry[key][2]["dtype"]
-
-    def is_quantized(self, key: str) -> bool:
-        return key in self._scale
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        """The tensor's shape once dequantised (packed FP4 holds two columns per byte)."""
-        shape = tuple(self._entry[key][2]["shape"])
-        return (
-            shape[:-1] + (2 * shape[-1],)
-            if self.stored_dtype(key) in ("I8", "U8") and self.is_quantized(key)
-            else shape
-        )
-
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
-        tensor = self._read(key)
-        if key in self._scale:
-            try:
-                tensor = dequantize(tensor, self._read(self._scale[key]))
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"{self._entry[key][0]}: cannot dequantise {key}: {e}") from e
-        return tensor
-
-    def read_into(self, key: str, dst: torch.Tensor) -> None:
-        """Fill `dst` with the tensor (cast, dequantised). A plain tensor already in `dst`'s dtype
-        goes from the file straight into `dst`'s CPU memory: loading holds one copy of the model."""
-        direct = (
-            key not in self._scale and dst.device.type == "cpu" and dst.is_contiguous()
-            and DTYPES.get(self.stored_dtype(key)) == dst.dtype
-        )  # fmt: skip
-        if direct:
-            self._read(key, out=dst.detach())
-        else:
-            with torch.no_grad():
-                dst.copy_(self.get(key))
-
-    def _read(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        file, data_start, entry = self._entry[key]
-        begin, end = entry["data_offsets"]
-        dtype = DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise ValueError(f"{file}: tensor {key} has dtype {entry['dtype']}, which v4lens does not read")
-        if out is None:
-            out = torch.empty(entry["shape"], dtype=dtype)
-        if out.numel() * out.element_size() != end - begin:
-            raise ValueError(
-                f"{file}: tensor {key} holds {end - begin} bytes, {out.numel() * out.element_size()} expected"
-            )
-        if read_into(self._fd(file), data_start + begin, out) != end - begin:
-            raise ValueError(f"{file}: tensor {key} is truncated")
-        return out
-
-    def _fd(self, file: Path) -> int:
-        with self._lock:
-            if file not in self._fds:
-                self._fds[file] = os.open(file, os.O_RDONLY)
-            return self._fds[file]
-
-    def canonical_keys(self) -> dict[tuple[str, int | None], str]:
-        """(v4lens name, expert index or None) -> stored key, for every tensor v4lens uses."""
-        out = {}
-        for key in self.keys:
-            name, expert = canonical_name(key, with_expert=True)
-            if name is not None:
-                out[(name, expert)] = key
-        return out
-
-    def config(self, **overrides) -> V4Config:
-        build = V4Config.from_hf if self.format == "hf" else V4Config.from_official
-        overrides.setdefault("name", self.path.name)
-        return build(self.raw_config, **overrides)
-
-    def has_mtp(self) -> bool:
-        return any(name.startswith("mtp.") for name, _ in self.canonical_keys())
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def load_checkpoint(path: Path, device=None, dtype=None, **overrides) -> HookedV4:
+def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, **overrides) -> HookedV4:
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
     with Checkpoint(path) as ckpt:
         cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
         if cfg.n_mtp_layers and not ckpt.has_mtp():
             warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without MTP")
             cfg = cfg.without_mtp()
-        model = build_empty(cfg, device)
+        model = build_empty(cfg, device, max_memory)
         load_tensors(model, ckpt)
     return model
 
@@ -344,3 +224,9 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
     reads.sort(key=lambda kv: -kv[1].numel())
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(lambda kv: ckpt.read_into(*kv), reads))
+    if ckpt.non_finite:  # one warning for all: a corrupt shard can hold hundreds
+        bad = sorted(set(ckpt.non_finite))
+        warnings.warn(
+            f"{ckpt.path}: non-finite values (NaN / Inf) in {len(bad)} tensor(s): {bad[:20]}"
+            f"{' ...' if len(bad) > 20 else ''}; the model's outputs through them will be NaN / Inf"
+        )
