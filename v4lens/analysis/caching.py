@@ -13,15 +13,13 @@ kept on another device or on disk (`offload_dir`), and a long input can run in c
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformer_lens.utilities.slice import Slice
 
 from ..model.kv_cache import V4KVCache
 from .cache import V4ActivationCache
 from .layout import position_axis
-from .offload import offload_tensor, start_index
+from .offload import OffloadRun
 
 
 def caching_hooks(
@@ -39,14 +37,20 @@ def caching_hooks(
     Returns (cache dict filled during the forward, forward hooks, backward hooks); same arguments as
     `HookedRootModule.get_caching_hooks`. An int `pos_slice` keeps a length-1 position axis, as
     TransformerLens does. Compressed-entry tensors are cached whole.
-    offload_dir: write each tensor, as its hook fires, to a file there and cache a memory-mapped
-    view of it (`open_offloaded` reopens the directory later): a long run's cache then lives in
-    the page cache, which the OS can evict, not in the process's memory.
+    offload_dir: an `OffloadRun` (what `run_with_cache(offload_dir=DIR)` makes): write each tensor,
+    as its hook fires, to a file of the run and cache a memory-mapped view of it; the run is moved
+    into DIR by `run.commit()` after the forward (`open_offloaded` reopens DIR later). A long run's
+    cache then lives in the page cache, which the OS can evict, not in the process's memory.
 
     >>> cache_dict, fwd, _ = caching_hooks(model, names_filter=is_stream_name, pos_slice=[0, -1])
     >>> with model.hooks(fwd_hooks=fwd):
     ...     model(tokens)
     """
+    if offload_dir is not None and not isinstance(offload_dir, OffloadRun):
+        raise ValueError(
+            "caching_hooks(offload_dir=...) needs an OffloadRun, not a path: only run_with_cache knows when the "
+            "forward has finished and the files can be moved into place. Use run_with_cache(..., offload_dir=DIR)"
+        )
     cache = {} if cache is None else cache
     pos_slice = Slice.unwrap(pos_slice)
     names_filter = _as_filter(names_filter)
@@ -62,10 +66,8 @@ def caching_hooks(
         if axis is not None and t.ndim > axis:
             t = pos_slice.apply(t, dim=axis)
         name = hook.name + ("_grad" if is_backward else "")
-        cache[name] = t if offload_dir is None else offload_tensor(t, Path(offload_dir), name)
+        cache[name] = t if offload_dir is None else offload_dir.write(t, name)
 
-    if offload_dir is not None:
-        start_index(Path(offload_dir))
     fwd = [(name, save_hook) for name in model.hook_dict if names_filter(name)]
     bwd = [(name, lambda t, hook: save_hook(t, hook, is_backward=True)) for name, _ in fwd] if incl_bwd else []
     return cache, fwd, bwd
@@ -107,9 +109,11 @@ def run_with_cache(
     the input tokens and, after `pos_slice`, which positions it holds, so the logit lens can find
     next-token targets. `HookedV4.run_with_cache` should be this function.
     offload_dir: keep the cache on disk (memory-mapped files, see `caching_hooks`; reopen with
-    `open_offloaded`). Long inputs: combine with `names_filter`, `pos_slice` (any position subset,
-    4-D streams included), `stop_at_layer=L` (only blocks < L run) and `return_type=None` (no
-    [b, p, V] logits).
+    `open_offloaded`). DIR must be new, empty or an earlier run's offload folder (only that run's
+    files are replaced); the run appears there only once the forward finished, and a run that fails
+    leaves the previous one as it was (`v4lens.analysis.offload`). Long inputs: combine with
+    `names_filter`, `pos_slice` (any position subset, 4-D streams included), `stop_at_layer=L` (only
+    blocks < L run) and `return_type=None` (no [b, p, V] logits).
     chunk_len: run the input through a `V4KVCache` chunk_len tokens at a time (the forward's own
     memory then grows with chunk_len, not with the length) and assemble the chunks' caches into
     the one a single forward gives (`concat_chunk_tensors`). Not with MTP, gradients or a cache of
@@ -121,27 +125,37 @@ def run_with_cache(
     if remove_batch_dim and tokens.shape[0] != 1:
         raise ValueError(f"Cannot remove batch dimension from cache with batch size {tokens.shape[0]}")
     positions = None if pos_slice is None else torch.as_tensor(Slice.unwrap(pos_slice).indices(tokens.shape[1]))
-    if chunk_len is not None:
-        if incl_bwd or remove_batch_dim or model_args or model_kwargs.get("mtp") or "past_kv_cache" in model_kwargs:
-            raise ValueError("chunk_len works with return_type / names_filter / pos_slice / device / offload_dir only")
-        out, cache_dict = _chunked_run(model, tokens, chunk_len, names_filter, device, positions, model_kwargs,
-                                       dict(reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts))  # fmt: skip
-        if offload_dir is not None:
-            start_index(Path(offload_dir))
-            cache_dict = {name: offload_tensor(t, Path(offload_dir), name) for name, t in cache_dict.items()}
-    else:
-        cache_dict, fwd, bwd = caching_hooks(
-            model, names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice, offload_dir=offload_dir
-        )
-        with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
-            out = model(tokens, *model_args, **model_kwargs)
-            if incl_bwd:
-                out.backward()
+    if chunk_len is not None and (incl_bwd or remove_batch_dim or model_args or model_kwargs.get("mtp")
+                                  or "past_kv_cache" in model_kwargs):  # fmt: skip
+        raise ValueError("chunk_len works with return_type / names_filter / pos_slice / device / offload_dir only")
+    run = None if offload_dir is None else OffloadRun(offload_dir, model)  # refuses a folder that is not ours
+    try:
+        if chunk_len is not None:
+            hook_kwargs = {"reset_hooks_end": reset_hooks_end, "clear_contexts": clear_contexts}
+            out, cache_dict = _chunked_run(model, tokens, chunk_len, names_filter, device, positions, model_kwargs,
+                                           hook_kwargs)  # fmt: skip
+            if run is not None:
+                cache_dict = {name: run.write(t, name) for name, t in cache_dict.items()}
+        else:
+            cache_dict, fwd, bwd = caching_hooks(
+                model, names_filter, incl_bwd, device, remove_batch_dim, pos_slice=pos_slice, offload_dir=run
+            )
+            with model.hooks(fwd_hooks=fwd, bwd_hooks=bwd, reset_hooks_end=reset_hooks_end,
+                             clear_contexts=clear_contexts):  # fmt: skip
+                out = model(tokens, *model_args, **model_kwargs)
+                if incl_bwd:
+                    out.backward()
+        if run is not None:  # tokens and positions too, so that open_offloaded can rebuild the whole cache
+            run.write(tokens.cpu(), "tokens")
+            if positions is not None:
+                run.write(positions, "positions")
+            on_disk = run.commit()  # the run appears in offload_dir only now, complete
+            cache_dict = {name: on_disk[name] for name in cache_dict}
+    except BaseException:
+        if run is not None:
+            run.abort()  # the temporary files go; the previous run in offload_dir is untouched
+        raise
     cache_tokens = tokens.to(device) if device is not None else tokens
-    if offload_dir is not None:  # so that open_offloaded can rebuild the whole cache
-        offload_tensor(tokens.cpu(), Path(offload_dir), "tokens")
-        if positions is not None:
-            offload_tensor(positions, Path(offload_dir), "positions")
     return out, V4ActivationCache(
         cache_dict,
         model,

@@ -18,6 +18,10 @@ Every state object is immutable: a forward builds new ones and never writes into
 `cache.snapshot()` is a cheap shallow copy and `cache.restore(snapshot)` undoes whole chunks
 (speculative decoding uses this to drop a rejected draft). Unlike the reference's ring buffer
 (fixed `max_seq_len`), nothing is preallocated: entries are appended per chunk.
+
+A cache is bound to the model that filled it (`model_identity`: config + weights fingerprint,
+recorded on the first chunk): a later chunk run by another model, or by the same model after an
+in-place weight edit, would mix keys of two different networks and is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import copy
 from dataclasses import dataclass
 
 import torch
+
+from .fingerprint import identity_mismatch, model_identity
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,10 @@ class V4KVCache:
         # how many of the current chunk's positions a layer may add to its state (None = all);
         # the MTP pass sets it to leave its draft position out
         self.commit: int | None = None
+        # model_identity of the model that filled the cache (None while empty), and who this cache
+        # is: snapshots share it (a shallow copy), another cache or a deepcopy has its own
+        self.model_identity: dict | None = None
+        self._owner = object()
 
     def snapshot(self) -> V4KVCache:
         """A copy sharing the (immutable) tensors: O(layers), no tensor is copied."""
@@ -100,7 +110,12 @@ class V4KVCache:
         return snap
 
     def restore(self, snapshot: V4KVCache) -> None:
-        """Return to the state of `snapshot` (taken from this cache earlier)."""
+        """Return to the state of `snapshot` (taken from this cache earlier by `snapshot()`)."""
+        if not isinstance(snapshot, V4KVCache):
+            raise TypeError(f"restore() takes what cache.snapshot() returned, got {type(snapshot).__name__}")
+        if snapshot._owner is not self._owner:
+            raise ValueError("restore(): this is a snapshot of another V4KVCache; restore only snapshots of this cache")
+        self.model_identity = snapshot.model_identity
         self.length, self.batch, self.mtp_length = snapshot.length, snapshot.batch, snapshot.mtp_length
         self.mtp_pending = snapshot.mtp_pending
         self.layers = dict(snapshot.layers)
@@ -115,13 +130,34 @@ class V4KVCache:
             self.restore(before)
             raise
 
-    def start(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Check a chunk [b, S] against the cache; return its absolute positions [S]."""
+    def start(self, tokens: torch.Tensor, model=None) -> torch.Tensor:
+        """Check a chunk [b, S] and the `model` running it against the cache; return its absolute
+        positions [S]. The first chunk binds the cache to `model`; a later chunk run by a model with
+        another config or other weights is refused."""
+        if model is not None:
+            self._check_model(model)
         b, S = tokens.shape
         if self.batch is not None and b != self.batch:
             raise ValueError(f"past_kv_cache holds a batch of {self.batch} sequences; this chunk has {b}")
         self.batch = b
         return torch.arange(self.length, self.length + S, device=tokens.device)
+
+    def _check_model(self, model) -> None:
+        # model_identity is memoised per model on its weights' (data_ptr, _version): on the usual
+        # path (the same model, weights untouched) this is one walk over the model's tensors, and the
+        # sampled-content fingerprint is recomputed only when a weight was replaced or edited in place
+        # (which makes the cached keys stale unless the values came back). A different model object
+        # with identical config and weights (the same checkpoint loaded twice) is accepted.
+        identity = model_identity(model)
+        if self.length == 0 or self.model_identity is None:  # an empty cache: any model may start it
+            self.model_identity = identity
+            return
+        problem = identity_mismatch(self.model_identity, model)
+        if problem is not None:
+            raise ValueError(
+                f"past_kv_cache was filled by another model ({problem}); its keys and compressor states "
+                "belong to that model. Continue with the model that filled it, or start a new V4KVCache()"
+            )
 
     def nbytes(self) -> int:
         """Memory the cached tensors take."""

@@ -1,0 +1,93 @@
+"""Which model is this? A model's identity = its config (the fields that change what it computes)
+plus a fingerprint of its weights, so that state made by one model (a `V4KVCache`, an offloaded
+activation cache) is never silently used with another.
+
+The fingerprint is a SHA-256 over every parameter and persistent buffer's name, dtype, shape and a
+strided sample of its values (`SAMPLES` evenly spaced elements, first and last included), read on
+the CPU: the same weights give the same hex string in every process and on every device, and any
+other seed or checkpoint gives another one. It reads ~`SAMPLES` values per tensor, never the whole
+model, and `model_identity` memoises it per model until a tensor's (data_ptr, _version) changes,
+so checking a model on every decoding step costs one walk over its tensors, not a hash.
+
+Limits (documented, not detected): an edit that bypasses autograd's version counter (through
+`.data`, or numpy views of the storage) is not seen until something else changes a version, and
+a changed element that falls between two samples leaves the fingerprint as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import weakref
+
+import torch
+
+SAMPLES = 64
+# config fields that do not change what the model computes (runtime and hook options)
+RUNTIME_FIELDS = ("name", "device", "attn_chunk_size", "use_attn_result", "use_expert_out")
+
+_memo: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (versions, identity)
+
+
+def config_identity(model) -> dict:
+    """The model's config as a JSON-ready dict, without the runtime options (device, name, ...)."""
+    d = {k: v for k, v in model.cfg.to_dict().items() if k not in RUNTIME_FIELDS}
+    return json.loads(json.dumps(d))  # tuples -> lists, as they come back from a JSON file
+
+
+def _named_tensors(model):
+    return model.state_dict(keep_vars=True).items()  # parameters and persistent buffers, by name
+
+
+def weights_versions(model) -> tuple:
+    """Where each weight lives and how often it was written in place: changes whenever a weight is
+    replaced, moved or edited through autograd-visible in-place ops (`p.mul_`, `load_state_dict`)."""
+    # parameters() + buffers() is cheaper than state_dict(); a non-persistent buffer that changes
+    # only costs a recomputed fingerprint (which leaves it out)
+    return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def weights_fingerprint(model) -> str:
+    """SHA-256 hex of the weights' names, dtypes, shapes and `SAMPLES` sampled values each."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, t in _named_tensors(model):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            n = t.numel()
+            if n == 0 or t.is_meta:
+                continue
+            k = min(n, SAMPLES)
+            idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # exact integer spacing
+            sample = t.detach().reshape(-1)[idx.to(t.device)].cpu().contiguous()
+            h.update(sample.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_identity(model) -> dict:
+    """{"config": config_identity, "fingerprint": weights_fingerprint}; the fingerprint is recomputed
+    only when `weights_versions` changed since the last call for this model (the config is read each
+    time: `model.cfg` may be edited too)."""
+    versions, config = weights_versions(model), config_identity(model)
+    memo = _memo.get(model)
+    fingerprint = memo[1]["fingerprint"] if memo is not None and memo[0] == versions else weights_fingerprint(model)
+    if memo is None or memo[0] != versions or memo[1]["config"] != config:
+        _memo[model] = (versions, {"config": config, "fingerprint": fingerprint})
+    return _memo[model][1]
+
+
+def identity_mismatch(recorded: dict, model) -> str | None:
+    """What differs between a recorded `model_identity` and `model` (None if nothing): the config
+    fields with both values, or that the weights differ."""
+    current = model_identity(model)
+    old, new = recorded.get("config", {}), current["config"]
+    fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if fields:
+        shown = ", ".join(f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in fields[:5])
+        return f"config differs in {shown}" + (f" and {len(fields) - 5} more fields" if len(fields) > 5 else "")
+    if recorded.get("fingerprint") != current["fingerprint"]:
+        return (
+            f"same config but different weights (fingerprint {str(recorded.get('fingerprint'))[:12]}… there, "
+            f"{current['fingerprint'][:12]}… here: another seed or checkpoint, or weights edited since)"
+        )
+    return None
