@@ -11,6 +11,8 @@ projected out in groups (wo_a per group, then wo_b).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -110,10 +112,8 @@ class Attention(nn.Module):
         past = state.window if state is not None else kv[:, :0]  # [b, ≤W-1, c]
         first = int(positions[0]) - past.shape[1]  # absolute position of the first raw key
         N = int(positions[-1]) + 1
-        # repeat, not expand: a hook may edit key_index in place (TransformerLens patch setters do)
-        key_index = window_index(positions, cfg.window_size)[None].repeat(b, 1, 1)
         raw = torch.cat([past, kv], dim=1)
-        entries = None
+        entries, comp = None, None
         kept = raw[:, : past.shape[1] + (S if commit is None else commit)]  # the next chunk's past
         next_state = {"window": kept[:, max(0, kept.shape[1] - (cfg.window_size - 1)) :].clone()}
         if self.compressor is not None:
@@ -122,36 +122,56 @@ class Attention(nn.Module):
             entries = append_entries(old, new_entries)  # [b,T,c]
             n_kept = comp_next.n_entries - old.shape[1]
             next_state.update(compressor=comp_next, entries=append_entries(old, new_entries[:, :n_kept]))
-            T = entries.shape[1]
             if self.indexer is not None:
                 previous = (state.indexer, state.index_keys) if state is not None else None
                 picks, (index_comp, index_keys) = self.indexer(x, q_latent, positions, freqs, previous, commit)
                 next_state.update(indexer=index_comp, index_keys=index_keys)
                 # edits may name any entry: keep only real, visible ones (causality)
                 ok = (picks >= 0) & (picks < visible_entries(positions, 4)[:, None])
-                comp = torch.where(ok, picks, -1)
-            else:
-                comp = compressed_index(positions, T, self.ratio)[None].expand(b, S, -1)
-            key_index = torch.cat([key_index, torch.where(comp >= 0, comp + N, -1)], dim=-1)
-        key_index = self.hook_key_index(key_index)
-        keys, local_index = self._local_keys(raw, entries, key_index, first, N)
+                comp = torch.where(ok, picks, -1)  # [b,S,k]
+        n_entries = 0 if entries is None else entries.shape[1]
+
+        def key_index_rows(s0: int, s1: int) -> torch.Tensor:
+            """Rows s0..s1-1 of the key index [b, s, K] in hook numbering. On an HCA layer K grows
+            with S (every visible entry), so the whole [b, S, K] is S²/m: build it a chunk at a time."""
+            # repeat, not expand: a hook may edit key_index in place (TransformerLens patch setters do)
+            rows = window_index(positions[s0:s1], cfg.window_size)[None].repeat(b, 1, 1)
+            if entries is None:
+                return rows
+            if comp is not None:  # CSA: the indexer's picks
+                picked = comp[:, s0:s1]
+            else:  # HCA: every entry visible so far
+                picked = compressed_index(positions[s0:s1], n_entries, self.ratio)[None].expand(b, -1, -1)
+            return torch.cat([rows, torch.where(picked >= 0, picked + N, -1)], dim=-1)
+
+        keys = raw if entries is None else torch.cat([raw, entries], dim=1)  # [b, R(+T), c]
+        to_local = {"n_raw": raw.shape[1], "n_keys": keys.shape[1], "first": first, "N": N}
+        if any(map(is_hooked, (self.hook_key_index, self.hook_attn_scores, self.hook_pattern, self.hook_sink))):
+            # someone reads or edits the whole key index (or the scores / pattern built on it): build it whole
+            local = self._local_index(self.hook_key_index(key_index_rows(0, S)), check=True, **to_local)
+
+            def index_rows(s0: int, s1: int) -> torch.Tensor:
+                return local[:, s0:s1]
+
+        else:  # nothing looks: a query chunk's rows at a time, so memory grows linearly with S
+
+            def index_rows(s0: int, s1: int) -> torch.Tensor:
+                return self._local_index(key_index_rows(s0, s1), check=False, **to_local)
+
         if cache is not None:
             cache.layers[self.layer] = AttentionState(**next_state)
 
         # a fresh tensor (repeat, not expand): an in-place hook edit must not write into attn_sink
         sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].repeat(b, 1, S))
-        z = self._attend(q, keys, local_index, sink_logit)  # [b,S,H,c]
+        z = self._attend(q, keys, index_rows, sink_logit)  # [b,S,H,c]
         z = self.hook_z(apply_rope(z, positions, freqs, inverse=True))
         return self._project_out(z)
 
-    def _local_keys(self, raw, entries, key_index, first: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys [b, R(+T), c] = the raw tokens first..N-1 then the entries, and key_index (hook
-        numbering: token p -> p, entry w -> N + w) rewritten as rows of those keys."""
-        n_raw = raw.shape[1]
-        keys = raw if entries is None else torch.cat([raw, entries], dim=1)
-        n_keys = keys.shape[1]
-        used = key_index[key_index >= 0]
-        if used.numel():
+    def _local_index(self, key_index, *, n_raw: int, n_keys: int, first: int, N: int, check: bool) -> torch.Tensor:
+        """key_index rows [b,s,K] in hook numbering (token p -> p, entry w -> N + w, -1 empty) -> rows
+        of the keys [the raw tokens first..N-1, then the entries]. `check`: refuse candidates that do
+        not exist (a hook edited the index)."""
+        if check and (used := key_index[key_index >= 0]).numel():
             lo, hi = int(used.min()), int(used.max())
             if hi >= N + n_keys - n_raw or lo < first:
                 bad = hi if hi >= N + n_keys - n_raw else lo
@@ -160,15 +180,20 @@ class Attention(nn.Module):
                     f"are held, {N}..{N + n_keys - n_raw - 1} are compressed entries, -1 empty)"
                 )
         local = torch.where(key_index >= N, key_index - N + n_raw, key_index - first)
-        return keys, torch.where(key_index >= 0, local, -1)
+        return torch.where(key_index >= 0, local, -1)
 
     def _attend(
-        self, q: torch.Tensor, keys: torch.Tensor, key_index: torch.Tensor, sink_logit: torch.Tensor
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        index_rows: Callable[[int, int], torch.Tensor],
+        sink_logit: torch.Tensor,
     ) -> torch.Tensor:
         """Softmax over each query's gathered candidates plus the sink logit; the sink column is dropped.
 
-        q [b,S,H,c], keys [b,N,c] (raw tokens then compressed entries), key_index [b,S,K],
-        sink_logit [b,H,S] -> z [b,S,H,c]. Work is done a query chunk at a time; when a hook
+        q [b,S,H,c], keys [b,N,c] (raw tokens then compressed entries), index_rows(s0, s1): the
+        candidates' rows in keys for queries s0..s1-1 [b,s,K] (-1 empty), sink_logit [b,H,S] ->
+        z [b,S,H,c]. Work is done a query chunk at a time; when a hook
         wants the scores, pattern or sink mass, those are assembled whole ([b,h,p,K], still
         linear in S) and the hooks see (and may replace) the whole tensor.
         """
@@ -180,7 +205,7 @@ class Attention(nn.Module):
         sink = sink_logit.transpose(1, 2)[..., None].float()  # [b,S,h,1]
 
         def candidates(s0: int, s1: int) -> tuple[torch.Tensor, torch.Tensor]:
-            index = key_index[:, s0:s1]
+            index = index_rows(s0, s1)
             return keys32[batch, index.clamp(min=0)], index < 0  # [b,s,K,c], [b,s,K]
 
         def scores_of(s0: int, s1: int, cand: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
@@ -200,9 +225,11 @@ class Attention(nn.Module):
                 out.append(torch.matmul(pattern, cand).to(q.dtype))
             return torch.cat(out, dim=1)
 
-        scores = q32.new_empty(b, S, H, key_index.shape[-1])
+        scores = None  # [b,S,h,K], filled a chunk at a time
         for s0, s1 in spans:
-            scores[:, s0:s1] = scores_of(s0, s1, *candidates(s0, s1))
+            chunk = scores_of(s0, s1, *candidates(s0, s1))
+            scores = chunk.new_empty(b, S, *chunk.shape[2:]) if scores is None else scores
+            scores[:, s0:s1] = chunk
         scores = self.hook_attn_scores(scores.transpose(1, 2)).transpose(1, 2)
         pattern, sink_mass = torch.empty_like(scores), q32.new_empty(b, S, H)
         for s0, s1 in spans:

@@ -18,10 +18,13 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from .block import Block
 from .config import V4Config
+from .guards import CheckedHookPoint, claim
 from .head import fp32_logits
 from .hyper_connections import HyperHead
+from .inputs import check_token_range, forward_args, token_tensor
 from .kv_cache import V4KVCache
-from .mtp import MTPBlock
+from .loss import lm_cross_entropy
+from .mtp import MTPBlock, run_mtp
 from .norm import RMSNorm
 from .params import is_fp32_island, param
 
@@ -56,6 +59,10 @@ class HookedV4(HookedRootModule):
         # By name: `to_empty` (build_empty) and checkpoint loading replace the Parameter objects,
         # which drops the per-tensor `_v4_fp32` marker that fp32_param sets.
         self._fp32_islands = frozenset(n for n, p in self.named_parameters() if is_fp32_island(p))
+        # every hook point checks what its hooks return: shape, dtype kind, device (v4lens.model.guards)
+        for module in self.modules():
+            if type(module) is HookPoint:
+                module.__class__ = CheckedHookPoint
         self.setup()
 
     # ------------------------------------------------------------------ TL protocol
@@ -78,6 +85,10 @@ class HookedV4(HookedRootModule):
         texts = [text] if isinstance(text, str) else list(text)
         if not texts:
             raise ValueError("to_tokens got an empty list of strings")
+        from ..tokenizer import check_text  # a lone surrogate: named with its position, not a tokenizer error
+
+        for i, t in enumerate(texts):
+            check_text(t, "text" if len(texts) == 1 else f"text {i}")
         rows = []
         for t in texts:
             ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
@@ -144,6 +155,14 @@ class HookedV4(HookedRootModule):
             "v4lens runs in float32 or bfloat16 (bf16 with the reference's fp32 islands); use .to(torch.bfloat16)"
         )
 
+    def double(self):  # nn.Module.double would convert every tensor behind `to`'s back
+        raise ValueError("v4lens runs in float32 or bfloat16, not float64; use .float() or .to(torch.bfloat16)")
+
+    def type(self, dst_type):
+        if not isinstance(dst_type, torch.dtype):
+            raise TypeError(f"model.type takes a torch dtype (float32 or bfloat16), got {dst_type!r}; use .to(dtype)")
+        return self.to(dst_type)
+
     def float(self):
         return self.to(torch.float32)
 
@@ -173,25 +192,28 @@ class HookedV4(HookedRootModule):
         "both" ((logits, loss)) or None (stop after the last block).
         mtp: also run the MTP blocks; the result becomes `(result, mtp_logits)` with
         mtp_logits a list of fp32 [b,p,V] (depth j at position t predicts token t+2+j).
-        mtp_next_tokens: tokens [b, n_mtp] to use after the last position instead of the
-        greedy draft (the argmax of the previous head there).
+        mtp_next_tokens: tokens [b, n] (1 <= n <= n_mtp_layers; only with mtp=True) to use after the
+        last position instead of the greedy draft (the argmax of the previous head there).
         past_kv_cache: a `V4KVCache`; the input continues the sequence it holds and the cache
         advances (incremental decoding / chunked prefill: same logits and hooked values as one
         forward over the whole sequence; see `v4lens.model.kv_cache`).
         stop_at_layer: run blocks 0..stop_at_layer-1 only and return their output streams
-        [b,p,n,d] (TransformerLens's option: cheap caching of early layers).
-        logits_to_keep: if > 0, run the head (and its hooks) on the last that many positions only
-        (transformers' option: a long prompt's [b, p, V] fp32 logits are 0.5 GB per 1k tokens).
+        [b,p,n,d] (TransformerLens's option: cheap caching of early layers). An int in
+        [-n_layers, n_layers]; negative counts from the end, as in TransformerLens (-1: all but the last).
+        logits_to_keep: an int >= 0; if > 0, run the head (and its hooks) on the last that many
+        positions only (transformers' option: a long prompt's [b, p, V] fp32 logits are 0.5 GB per 1k tokens).
         """
-        if return_type not in ("logits", "loss", "both", None):
-            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        if logits_to_keep and return_type in ("loss", "both"):
-            raise ValueError("the loss needs the logits of every position: drop logits_to_keep")
-        if stop_at_layer is not None and (past_kv_cache is not None or mtp):
-            raise ValueError("stop_at_layer cannot be combined with past_kv_cache or mtp (later layers would not run)")
         tokens = self._validate_tokens(input)
-        # a chunk that fails half-way (a hook raising in layer 5, say) must not leave layers 0-4 advanced
-        with past_kv_cache.transaction() if past_kv_cache is not None else contextlib.nullcontext():
+        stop_at_layer, logits_to_keep, mtp_next_tokens = forward_args(
+            self.cfg, tokens, return_type, mtp, mtp_next_tokens, past_kv_cache, stop_at_layer, logits_to_keep
+        )
+        with contextlib.ExitStack() as stack:
+            # one thread at a time where state is shared (hooks, a cache): v4lens.model.guards
+            stack.enter_context(claim(self, "forward", exclusive=False))
+            if past_kv_cache is not None:
+                stack.enter_context(claim(past_kv_cache, "forward with past_kv_cache", exclusive=True))
+                # a chunk that fails half-way (a hook raising in layer 5, say) must not leave layers 0-4 advanced
+                stack.enter_context(past_kv_cache.transaction())
             return self._forward(
                 tokens, return_type, mtp=mtp, mtp_next_tokens=mtp_next_tokens, loss_per_token=loss_per_token,
                 past_kv_cache=past_kv_cache, stop_at_layer=stop_at_layer, logits_to_keep=logits_to_keep,
@@ -201,7 +223,7 @@ class HookedV4(HookedRootModule):
                  logits_to_keep):  # fmt: skip
         b, S = tokens.shape
         if past_kv_cache is not None:
-            positions = past_kv_cache.start(tokens)
+            positions = past_kv_cache.start(tokens, self)
             if mtp and past_kv_cache.length and past_kv_cache.mtp_length != past_kv_cache.length:
                 raise ValueError("mtp=True with past_kv_cache needs every earlier chunk run with mtp=True too")
         else:
@@ -224,11 +246,11 @@ class HookedV4(HookedRootModule):
         if return_type == "logits":
             result = logits
         elif return_type is not None:
-            loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token)
+            loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token, pad_token_id=self.cfg.pad_token_id)
             result = loss if return_type == "loss" else (logits, loss)
         mtp_logits = None
         if mtp:
-            mtp_logits = self._run_mtp(streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep)
+            mtp_logits = run_mtp(self, streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep)
         if past_kv_cache is not None:
             past_kv_cache.length += S
             if mtp:
@@ -239,58 +261,11 @@ class HookedV4(HookedRootModule):
         h = self.ln_final(self.hc_head(streams))
         return self.hook_logits(fp32_logits(h, self.head.weight))
 
-    def _run_mtp(self, streams, tokens, logits, positions, next_tokens, cache=None, keep: int = 0) -> list[torch.Tensor]:
-        if not len(self.mtp):
-            raise ValueError("this model has no MTP blocks (cfg.n_mtp_layers = 0)")
-        if cache is not None and len(self.mtp) > 1:
-            raise NotImplementedError("incremental decoding supports one MTP block (V4-Flash and mini-3b have one)")
-        b, S = tokens.shape
-        if next_tokens is not None:
-            next_tokens = torch.as_tensor(next_tokens, device=tokens.device).reshape(b, -1)
-            self._check_token_range(next_tokens)
-        out = []
-        stream, prev_logits, shifted = streams, logits, tokens
-        for j, block in enumerate(self.mtp):
-            # token t+1+j for every position t: the real one where it exists, else a draft
-            if next_tokens is not None and next_tokens.shape[1] > j:
-                last = next_tokens[:, j : j + 1]
-            else:
-                last = prev_logits[:, -1:].argmax(-1)
-            shifted = torch.cat([shifted[:, 1:], last], dim=1)
-            if cache is None:
-                stream = block(stream, F.embedding(shifted, self.embed.weight), positions)
-            else:
-                stream = self._cached_mtp(block, stream, tokens, shifted, positions, cache)
-            prev_logits = block.logits(stream[:, -(keep or S) :], self.head.weight)
-            out.append(prev_logits)
-        return out
-
-    def _cached_mtp(self, block, streams, tokens, next_ids, positions, cache: V4KVCache) -> torch.Tensor:
-        """The MTP block on a chunk with a decoding cache. Position t needs token t+1, so the
-        previous chunk's last position (whose next token was a draft then) runs again first, now
-        with this chunk's first token, and the state keeps every position but this chunk's last
-        (a draft again). Its hooks see that extra first position."""
-        if cache.mtp_pending is not None:
-            streams = torch.cat([cache.mtp_pending, streams], dim=1)
-            next_ids = torch.cat([tokens[:, :1], next_ids], dim=1)
-            positions = torch.cat([positions[:1] - 1, positions])
-        cache.mtp_pending = streams[:, -1:].clone()
-        cache.commit = streams.shape[1] - 1
-        try:
-            return block(streams, F.embedding(next_ids, self.embed.weight), positions, cache)
-        finally:
-            cache.commit = None
-
     # ------------------------------------------------------------------ input checks
     def _validate_tokens(self, input) -> torch.Tensor:
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             input = self.to_tokens(input)
-        if isinstance(input, (list, tuple)):
-            input = torch.tensor(input, dtype=torch.long)
-        if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input must be text, a list of texts or an int64 token tensor, got {type(input).__name__}")
-        if input.is_floating_point() or input.is_complex() or input.dtype == torch.bool:
-            raise TypeError(f"tokens must be an integer tensor, got {input.dtype}")
+        input = token_tensor(input, "input")  # lists of ints only: 1.9 or True is not a token id
         if input.ndim == 1:
             input = input[None]
         if input.ndim != 2:
@@ -302,13 +277,8 @@ class HookedV4(HookedRootModule):
                 f"tokens are on {input.device} but the model is on {self.device}; move them with .to(model.device)"
             )
         input = input.long()
-        self._check_token_range(input)
+        check_token_range(input, self.cfg.d_vocab)
         return input
-
-    def _check_token_range(self, tokens: torch.Tensor) -> None:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.cfg.d_vocab:
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}), got values in [{lo}, {hi}]")
 
     # ------------------------------------------------------------------ caching
     def check_hook_names(self, names) -> None:
@@ -324,13 +294,25 @@ class HookedV4(HookedRootModule):
             )
 
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end=True, clear_contexts=False):
-        self.check_hook_names([n for n, _ in list(fwd_hooks) + list(bwd_hooks)])
-        return super().hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+        fwd_hooks, bwd_hooks = list(fwd_hooks), list(bwd_hooks)
+        self.check_hook_names([n for n, _ in fwd_hooks + bwd_hooks])
+        return self._claimed_hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts)
+
+    @contextlib.contextmanager
+    def _claimed_hooks(self, *args):
+        # hooks are module state: this thread owns the model until the context ends (v4lens.model.guards)
+        with claim(self, "hooks()", exclusive=True), super().hooks(*args) as model:
+            yield model
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
         if isinstance(name, str):
             self.check_hook_names([name])
-        return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+        with claim(self, "add_hook", exclusive=True):
+            return super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def reset_hooks(self, *args, **kwargs):
+        with claim(self, "reset_hooks", exclusive=True):
+            return super().reset_hooks(*args, **kwargs)
 
     # ------------------------------------------------------------------ doors to the other rooms
     # The model room imports nothing from the rest of v4lens when it is imported (no cycles, and
@@ -358,31 +340,23 @@ class HookedV4(HookedRootModule):
 
         return generate(self, input, max_new_tokens, **kwargs)
 
-    def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None):
+    def save_pretrained(self, path, format: str = "hf", max_shard_size: int | str = "5GB", dtype=None, overwrite=False):
         """Write safetensors + config.json in transformers' layout (`format="hf"`) or DeepSeek's
         (`"official"`); `v4lens.load(path)` reads either back bit-exactly. See `v4lens.weights.saving`."""
         from ..weights.saving import save_pretrained
 
-        return save_pretrained(self, path, format=format, max_shard_size=max_shard_size, dtype=dtype)
+        return save_pretrained(self, path, format, max_shard_size, dtype, overwrite=overwrite)
 
     def run_with_cache(self, *args, **kwargs):
         """TransformerLens's `run_with_cache`, returning a stream-aware `V4ActivationCache`
         (position slicing uses each hook's real position axis; see `v4lens.analysis.caching`)."""
         from ..analysis.caching import run_with_cache
 
-        return run_with_cache(self, *args, **kwargs)
+        with claim(self, "run_with_cache", exclusive=True):  # before it touches offload_dir or hooks
+            return run_with_cache(self, *args, **kwargs)
 
     def get_caching_hooks(self, *args, **kwargs):
         """TransformerLens's `get_caching_hooks` with V4's position axes (streams are 4-D)."""
         from ..analysis.caching import caching_hooks
 
         return caching_hooks(self, *args, **kwargs)
-
-
-def lm_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, per_token: bool = False) -> torch.Tensor:
-    """Next-token cross-entropy: logits [b,p,V] fp32, tokens [b,p] -> scalar (or [b,p-1])."""
-    if tokens.shape[1] < 2:
-        raise ValueError("a loss needs at least two tokens per sequence")
-    logprobs = logits[:, :-1].log_softmax(-1)
-    nll = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]
-    return nll if per_token else nll.mean()
