@@ -6,25 +6,79 @@
     v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
 
 A MODEL is a preset name (tiny, tiny-recall, mini-3b, flash — config only) or a checkpoint directory.
+Exit codes: 0 done; 2 a malformed command line (bad option values, a --target that is no config, --out naming
+a file); 1 any later failure (a value out of range for the loaded model too). Errors are one line on stderr,
+without a traceback unless V4LENS_DEBUG=1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+
+MAX_INDICES = 1 << 20  # far more than any axis of a V4 model has: a typo like 0-99999999999 is refused, not built
+
+
+class UsageError(Exception):
+    """A bad command-line value found after parsing (exit code 2, like argparse's own errors)."""
 
 
 def _int_list(text: str) -> list[int]:
     """'0,1,4-7' -> [0, 1, 4, 5, 6, 7]."""
     out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part.strip():
-            out.append(int(part))
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if dash else (int(part), int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is neither an index nor a range LO-HI (ints >= 0)") from None
+        if last < first:
+            raise argparse.ArgumentTypeError(f"the range {part!r} runs backwards")
+        if len(out) + last - first + 1 > MAX_INDICES:
+            raise argparse.ArgumentTypeError(f"{text!r} lists over {MAX_INDICES:,} indices, more than any model has")
+        out.extend(range(first, last + 1))
     return out
+
+
+def _bounded_int(lo: int, hi: float = math.inf):
+    """An argparse type: an int in [lo, hi) ("2.5" gets argparse's "invalid int value")."""
+
+    def parse(text: str) -> int:
+        if not lo <= (value := int(text)) < hi:
+            raise argparse.ArgumentTypeError(f"{value} is not {f'>= {lo}' if hi == math.inf else f'in [{lo}, {hi})'}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _temperature(text: str) -> float:
+    if not (math.isfinite(value := float(text)) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0 (0 = greedy)")
+    return value
+
+
+def _top_p(text: str) -> float:
+    if not 0 < (value := float(text)) <= 1:  # NaN too
+        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
+    return value
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device name (e.g. cpu, cuda, cuda:1, mps)") from None
+    try:  # an empty tensor proves the device exists here (a name torch parses may still be absent)
+        torch.empty(0, device=device)
+    except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, AssertionError, ... by backend
+        raise argparse.ArgumentTypeError(f"{text!r} is not available here ({str(e)[:160]})") from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--format", choices=["hf", "official"], help="output layout (default: the source's)")
     sl.add_argument("--dtype", default="bfloat16", help="dtype of the written matrices (default: bfloat16)")
     sl.add_argument("--max-shard-size", default="5GB")
+    sl.add_argument("--overwrite", action="store_true", help="write into a non-empty folder v4lens did not write")
     sl.set_defaults(run=_slice)
 
     info = commands.add_parser("info", help="config, parameter counts and layer types of a model",
@@ -60,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Load a model, run one prompt and print the top-k next tokens "
                               "at the last position, and the MTP block's top-k for the token after.")  # fmt: skip
     _model_and_prompt_args(run, positional=True)
-    run.add_argument("--top-k", type=int, default=10)
+    run.add_argument("--top-k", type=_bounded_int(1), default=10)
     run.set_defaults(run=_run)
 
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming tokens",
@@ -68,11 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                               "tokens as they come; greedy unless --temperature > 0; --speculative verifies the "
                               "MTP head's drafts (same output as greedy, fewer forwards).")  # fmt: skip
     _model_and_prompt_args(gen, positional=True)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--sample-seed", type=int, default=None, help="seed of the sampler")
+    gen.add_argument("--max-new-tokens", type=_bounded_int(0), default=32)
+    gen.add_argument("--temperature", type=_temperature, default=0.0)
+    gen.add_argument("--top-k", type=_bounded_int(1), default=None)
+    gen.add_argument("--top-p", type=_top_p, default=None)
+    gen.add_argument("--sample-seed", type=_bounded_int(0, 2**64), default=None, help="seed of the sampler")
     gen.add_argument("--speculative", action="store_true", help="speculative decoding with the MTP head (greedy only)")
     gen.set_defaults(run=_generate)
 
@@ -82,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "every layer, indexer / compressed entries / attention for --layers.")  # fmt: skip
     _model_and_prompt_args(viz, positional=False)
     viz.add_argument("--layers", type=_int_list, help="layers for indexer / attention figures (default: first CSA)")
-    viz.add_argument("--head", type=int, default=0, help="attention head to draw (default 0)")
+    viz.add_argument("--head", type=_bounded_int(0), default=0, help="attention head to draw (default 0)")
     viz.add_argument("--out", required=True, help="output directory")
     viz.add_argument("--no-png", action="store_true", help="HTML only (PNG export needs Chromium)")
     viz.set_defaults(run=_viz)
@@ -96,8 +151,8 @@ def _model_and_prompt_args(parser: argparse.ArgumentParser, positional: bool) ->
     else:
         parser.add_argument("--model", default="mini-3b", help="preset name or checkpoint directory (default mini-3b)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="default bf16")
-    parser.add_argument("--device", default=None, help="e.g. cuda (default cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's random weights")
+    parser.add_argument("--device", type=_device, default=None, help="e.g. cuda (default cpu)")
+    parser.add_argument("--seed", type=_bounded_int(0, 2**32), default=0, help="seed of a preset's random weights")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
 
@@ -144,8 +199,14 @@ def _info(args) -> int:
 
 
 def _load_model(args):
+    """The model, once --prompt is known to be tokenizable (a lone surrogate is a usage error)."""
+    from .tokenizer import check_text
     from .weights.loading import load
 
+    try:
+        check_text(args.prompt, "--prompt")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return load(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
 
 
@@ -160,6 +221,8 @@ def _tokens(model, args):
 
 def _run(args) -> int:
     model = _load_model(args)
+    if args.top_k > model.cfg.d_vocab:
+        raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({model.cfg.d_vocab} tokens)")
     tokens = _tokens(model, args)
     has_mtp = len(model.mtp) > 0
     out = model(tokens, mtp=True) if has_mtp else model(tokens)
@@ -199,9 +262,14 @@ def _viz(args) -> int:
 
     from . import plot
 
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a directory for the figures (it is created if missing)")
     model = _load_model(args)
     tokens = _tokens(model, args)
     cfg = model.cfg
+    if args.head >= cfg.n_heads:
+        raise ValueError(f"--head {args.head}: the model has heads 0..{cfg.n_heads - 1}")
     layers = args.layers
     if layers is None:
         csa = [l for l in range(cfg.n_layers) if cfg.layer_type(l) == "csa"]
@@ -234,7 +302,6 @@ def _viz(args) -> int:
         jobs.append(("attention", f"attention_L{l}_h{args.head}",
                      lambda l=l: plot.attention_pattern(model, cache, l, args.head)))  # fmt: skip
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written, png_error = [], None
     with plot.export_session():
@@ -290,15 +357,23 @@ def _slice(args) -> int:
     if args.target in PRESETS:
         target = args.target
     elif Path(args.target).is_file():
-        raw = json.loads(Path(args.target).read_text())
-        target = V4Config.from_hf(raw) if "hidden_size" in raw else V4Config.from_official(raw)
+        try:
+            with open(args.target, "rb") as f:
+                data = f.read((1 << 20) + 1)  # a config is a few KB: never read a huge file whole
+            if len(data) > 1 << 20:
+                raise ValueError("larger than 1 MiB")
+            raw = json.loads(data)
+            if not isinstance(raw, dict):
+                raise TypeError(f"it holds a JSON {type(raw).__name__}, not an object")
+            target = V4Config.from_hf(raw) if "hidden_size" in raw else V4Config.from_official(raw)
+        except (OSError, ValueError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UsageError(f"--target {args.target}: not a usable config.json ({e})") from None
     else:
-        print(f"v4lens slice: --target {args.target!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json",
-              file=sys.stderr)  # fmt: skip
-        return 2
+        raise UsageError(f"--target {args.target!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json")
     plan = slice_checkpoint(
         args.src, target, args.out, layers=args.layers, heads=args.heads, experts=args.experts,
         hidden=args.hidden, format=args.format, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
     )  # fmt: skip
     print(f"wrote {args.out}: {plan.tgt.n_layers} layers from source layers {plan.layers}")
     return 0
@@ -307,13 +382,17 @@ def _slice(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # bad options: usage and a one-line error on stderr, SystemExit(2)
     try:
         with torch.no_grad():  # no command needs gradients (and main may run inside a caller's process)
             return args.run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"v4lens {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except Exception as e:  # a user gets one line, not a traceback (V4LENS_DEBUG=1 shows it)
+        if os.environ.get("V4LENS_DEBUG", "") not in ("", "0"):
+            raise
+        kind = "" if isinstance(e, (UsageError, ValueError, OSError)) else f"{type(e).__name__}: "
+        message = " ".join(str(e).split("\n")).strip() or "(no message)"
+        print(f"v4lens {args.command}: error: {kind}{message}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
 
 
 if __name__ == "__main__":

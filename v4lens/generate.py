@@ -9,6 +9,9 @@ position each time.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +45,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
     """logits [b, V] -> token ids [b]: argmax if temperature == 0, else a sample from the
     temperature-scaled distribution restricted to the top-k tokens and the top-p nucleus."""
-    if temperature <= 0:
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -67,9 +71,12 @@ def generate(
 ) -> Generation:  # fmt: skip
     """Generate up to `max_new_tokens` tokens after `input`.
 
-    input: text, a list of texts, tokens [b, p], or (chat=True) a list of {"role", "content"}
-    messages rendered with the V4 chat template (`thinking` picks its mode).
-    temperature 0 = greedy; otherwise sampling with optional top_k / top_p, reproducible with `seed`.
+    input: text, a list of texts of one token length, tokens [b, p] (not right-padded: V4 has no
+    padding mask), or (chat=True) a string (one user turn) or a list of {"role", "content"}
+    messages rendered with the V4 chat template (`thinking` picks its mode). Text with a lone
+    surrogate is refused, naming its position.
+    temperature 0 = greedy, > 0 sampling with optional top_k (>= 1) / top_p (in (0, 1]), reproducible
+    with `seed`; max_new_tokens: an int >= 0. Anything else is an error naming the argument.
     stop_at_eos: a row stops after emitting EOS (`eos_token_id`, default the config's); the rest
     keep going until all stopped or max_new_tokens.
     fwd_hooks: (name, fn) pairs active at every step (edits change the generation);
@@ -93,13 +100,17 @@ def generate(
         out = model.generate("The capital of France is", max_new_tokens=5)
         out.text, out.new_tokens
     """
+    max_new_tokens = _count("max_new_tokens", max_new_tokens)
+    check_sampling(temperature, top_k, top_p)
     if chat:
         from .tokenizer import render_chat
 
-        text = render_chat(list(input), thinking=thinking)
+        text = render_chat(_chat_messages(input), thinking=thinking)
         tokens = model.to_tokens(text, prepend_bos=False)  # the template starts with BOS
     else:
+        _check_texts(input)
         tokens = model._validate_tokens(input)
+        _refuse_right_padding(tokens, model.cfg.pad_token_id)
         if isinstance(input, (list, tuple)) and len(input) > 1 and isinstance(input[0], str):
             lengths = {model.to_tokens(text).shape[1] for text in input}
             if len(lengths) > 1:  # to_tokens right-pads: new tokens would follow the pads
@@ -112,7 +123,7 @@ def generate(
     if speculative and (temperature > 0 or cache_steps or not use_cache):
         raise ValueError("speculative=True is greedy decoding with the KV cache: no temperature, cache_steps or use_cache=False")
     run = _Run(model, tokens, max_new_tokens, stop_at_eos, eos_token_id, stream)
-    generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+    generator = _generator(seed, tokens.device) if seed is not None else None
     kv = V4KVCache() if use_cache else None
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         if speculative:
@@ -136,6 +147,92 @@ def generate(
                 run.emit(sample_next(logits[:, -1], temperature, top_k, top_p, generator))
                 feed = run.tokens[:, -1:] if use_cache else run.tokens
     return run.result(model, mtp and not speculative)
+
+
+# ---------------------------------------------------------------------- argument checks
+def check_sampling(temperature, top_k, top_p) -> None:
+    """Refuse settings that would silently mean something else: a negative temperature used to mean
+    greedy, top_p 0 sampled from nothing, top_k 0 failed deep inside topk."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+        kind = type(temperature).__name__
+        raise TypeError(f"temperature must be a number >= 0 (0 = greedy), got {kind} {temperature!r}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None:
+        top_k = _count("top_k", top_k, what="a positive int or None")
+        if top_k < 1:
+            raise ValueError(f"top_k must be a positive int or None (no limit), got {top_k}")
+    if top_p is not None:
+        if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
+            raise TypeError(f"top_p must be a number in (0, 1] or None, got {type(top_p).__name__} {top_p!r}")
+        if not 0 < top_p <= 1:  # also refuses NaN
+            raise ValueError(f"top_p must lie in (0, 1] (1 or None = no nucleus cut), got {top_p}")
+
+
+def _count(name: str, value, what: str = "an int >= 0") -> int:
+    """An int argument (Python, numpy or 0-d tensor int); floats and bools are refused, not rounded."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be {what}, got {n}")
+    return n
+
+
+def _generator(seed, device) -> torch.Generator:
+    seed = _count("seed", seed, what="an int in [0, 2**64)")
+    try:
+        return torch.Generator(device=device).manual_seed(seed)
+    except (RuntimeError, ValueError, OverflowError) as e:
+        raise ValueError(f"seed must be an int in [0, 2**64), got {seed} ({e})") from None
+
+
+def _chat_messages(input) -> list[dict]:
+    """chat=True input: a string is one user turn; otherwise a list of {"role", "content"} messages."""
+    from .tokenizer import check_text
+
+    if isinstance(input, str):
+        input = [{"role": "user", "content": input}]
+    if not isinstance(input, (list, tuple)) or not input or not all(isinstance(m, dict) and "role" in m for m in input):
+        raise TypeError(
+            "chat=True expects a string (one user turn) or a non-empty list of {'role': ..., 'content': ...} "
+            f"messages, got {type(input).__name__}: {str(input)[:80]}"
+        )
+    for i, message in enumerate(input):
+        for key, value in message.items():
+            if isinstance(value, str):
+                check_text(value, f"chat message {i} {key!r}")
+    return list(input)
+
+
+def _check_texts(input) -> None:
+    """Lone surrogates: an error naming the text and position instead of the tokenizer's TypeError."""
+    from .tokenizer import check_text
+
+    if isinstance(input, str):
+        check_text(input)
+    elif isinstance(input, (list, tuple)):
+        for i, text in enumerate(input):
+            if isinstance(text, str):
+                check_text(text, f"text {i}")
+
+
+def _refuse_right_padding(tokens: torch.Tensor, pad: int) -> None:
+    """tokens [b, p]: rows ending in different numbers of pad tokens are a right-padded batch (what
+    to_tokens makes of texts of different lengths): new tokens would follow the pads."""
+    if tokens.shape[0] < 2:
+        return
+    trailing = (tokens == pad).flip(1).long().cumprod(1).sum(1)  # [b] length of each row's final pad run
+    lo, hi = int(trailing.argmin()), int(trailing.argmax())
+    if trailing[lo] != trailing[hi]:
+        raise ValueError(
+            f"tokens row {hi} ends in {int(trailing[hi])} pad tokens (id {pad}), row {lo} in {int(trailing[lo])}: "
+            "a right-padded batch of prompts of different lengths; generate them one at a time "
+            "(V4 has no padding mask, so a batch must share its length)"
+        )
 
 
 class _Run:

@@ -289,3 +289,20 @@ def render_chat(
         thinking=thinking,
         **template_kwargs,
     )
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """Raise a ValueError naming the position of the first lone surrogate ("\\ud800") in `text`.
+
+    Such a code point is not valid Unicode (Python makes them when bytes are decoded with
+    errors="surrogateescape" or "surrogatepass"); the tokenizer would fail with an unrelated TypeError.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")  # strict UTF-8 refuses exactly the lone surrogates
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[e.start]!r} at position {e.start}: not valid Unicode, so it "
+            "cannot be tokenized (re-decode the source bytes with errors='replace', or drop the character)"
+        ) from None

@@ -3,6 +3,7 @@ tensor keeps (the rules are stated in `slicing.py`'s docstring; `make_plan` appl
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -149,7 +150,7 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
     if too_big:
         raise ValueError("the target config does not fit inside the source: " + "; ".join(too_big))
 
-    layers = default_layers(src, tgt) if layers is None else [int(s) for s in layers]
+    layers = default_layers(src, tgt) if layers is None else _indices("layers", layers)
     if len(layers) != tgt.n_layers:
         raise ValueError(f"layers has {len(layers)} entries; the target has {tgt.n_layers} layers")
     for t in range(tgt.n_layers + tgt.n_mtp_layers):
@@ -160,7 +161,7 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
                 f"{f' ({_describe(src, s)})' if 0 <= s < src.n_layers + src.n_mtp_layers else ' (no such layer)'}"
             )
 
-    hidden = torch.arange(tgt.d_model) if hidden is None else torch.as_tensor(hidden, dtype=torch.long)
+    hidden = torch.arange(tgt.d_model) if hidden is None else torch.tensor(_indices("hidden", hidden), dtype=torch.long)
     _check_selection("hidden", hidden.tolist(), tgt.d_model, src.d_model)
 
     per, src_per = tgt.n_heads // tgt.o_groups, src.n_heads // src.o_groups
@@ -168,7 +169,7 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
         if per > src_per:
             raise ValueError(f"a target group has {per} heads, a source group only {src_per}")
         heads = [g * src_per + j for g in range(tgt.o_groups) for j in range(per)]
-    heads = [int(h) for h in heads]
+    heads = _indices("heads", heads)
     _check_selection("heads", heads, tgt.n_heads, src.n_heads)
     for g in range(tgt.o_groups):
         if len({h // src_per for h in heads[g * per : (g + 1) * per]}) != 1:
@@ -179,11 +180,19 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
     all_layers = range(tgt.n_layers + tgt.n_mtp_layers)
     if experts is None:
         experts = list(range(tgt.n_routed_experts))
-    per_layer = (
-        {t: list(experts.get(t, range(tgt.n_routed_experts))) for t in all_layers}
-        if isinstance(experts, dict)
-        else {t: list(experts) for t in all_layers}
-    )
+    if isinstance(experts, dict):
+        for t in experts:  # a key naming no target layer would be silently ignored
+            if isinstance(t, bool) or not isinstance(t, int):
+                raise TypeError(f"experts: the keys are target layer numbers (ints), got {t!r}")
+            if t not in all_layers:
+                mtp = f", MTP blocks from {tgt.n_layers}" if tgt.n_mtp_layers else ""
+                raise ValueError(f"experts: the target has no layer {t}; its layers are 0..{len(all_layers) - 1}{mtp}")
+        per_layer = {
+            t: _indices(f"experts of target layer {t}", experts.get(t, range(tgt.n_routed_experts))) for t in all_layers
+        }
+    else:
+        chosen = _indices("experts", experts)
+        per_layer = {t: list(chosen) for t in all_layers}
     for t, chosen in per_layer.items():
         _check_selection(f"experts of target layer {t}", chosen, tgt.n_routed_experts, src.n_routed_experts)
 
@@ -197,6 +206,22 @@ def _describe(cfg: V4Config, layer: int) -> str:
     kind, hashed = _layer_kind(cfg, layer)
     ratio = cfg.compress_ratio(layer)
     return f"{kind}{f' ratio {ratio}' if ratio else ''}{', hash-routed' if hashed else ''}"
+
+
+def _indices(what: str, values) -> list[int]:
+    """A selection as a list of Python ints: lists, tuples, integer tensors and arrays are fine; floats
+    and bools are refused (int() would truncate 1.7 to 1 and read True as 1: a silently wrong slice)."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{what} must be a list of ints, got {type(values).__name__} {values!r}")
+    out = []
+    for i, v in enumerate(values.tolist() if hasattr(values, "tolist") else values):  # tensors, arrays: Python scalars
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            out.append(operator.index(v))  # ints (numpy's included) only: no float, no bool
+        except TypeError:
+            raise TypeError(f"{what} must hold ints; entry {i} is {type(v).__name__} {v!r}") from None
+    return out
 
 
 def _check_selection(what: str, chosen: list[int], size: int, limit: int) -> None:

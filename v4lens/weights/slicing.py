@@ -61,10 +61,13 @@ __all__ = ["TID2EID_RULE", "SlicePlan", "default_layers", "make_plan", "remap_ti
 def slice_checkpoint(
     src: str | Path, target: str | V4Config, out: str | Path, *, layers=None, hidden=None, heads=None,
     experts=None, format: str | None = None, dtype="bfloat16", max_shard_size="5GB", progress: bool = True,
+    overwrite: bool = False,
 ) -> SlicePlan:  # fmt: skip
     """Write a smaller checkpoint cut out of `src` (a directory in either layout, FP8/FP4 allowed).
 
-    target: a preset name ("mini-3b") or a V4Config. out: the directory to write.
+    target: a preset name ("mini-3b") or a V4Config. out: the directory to write: not the source, nor
+    inside or around it (ValueError); an existing non-empty folder must be a checkpoint v4lens wrote
+    unless `overwrite=True` (`v4lens.weights.saving.save_pretrained`); written atomically.
     layers / hidden / heads / experts: override the default selections (module docstring).
     format: "hf" or "official" (default: the source's layout). dtype: of the written matrices
     (the fp32 islands stay fp32). Returns the plan; the output's safetensors metadata and
@@ -72,7 +75,13 @@ def slice_checkpoint(
     """
     from tqdm.auto import tqdm
 
+    from .atomic import check_separate, check_target
+    from .saving import shard_size_bytes
+
     out = Path(out)
+    check_separate(src, out)  # before anything: the output must never replace the source's files
+    check_target(out, overwrite)  # and a refused `out` fails now, not after the slicing
+    shard_size_bytes(max_shard_size)
     with Checkpoint(src) as ckpt:
         src_cfg = ckpt.config()
         if not ckpt.has_mtp():
@@ -96,8 +105,8 @@ def slice_checkpoint(
         record = {"source": str(Path(src).resolve()), "source_format": ckpt.format,
                   "source_config": src_cfg.to_official(), "target": tgt_cfg.name, **plan.to_json()}  # fmt: skip
         write_checkpoint(out, state, tgt_cfg, format or ckpt.format, max_shard_size,
-                         metadata={"v4lens_slice": json.dumps(record)}, progress=progress)  # fmt: skip
-        (out / "slice.json").write_text(json.dumps(record, indent=1) + "\n")
+                         metadata={"v4lens_slice": json.dumps(record)}, progress=progress, overwrite=overwrite,
+                         extra_files={"slice.json": json.dumps(record, indent=1) + "\n"})  # fmt: skip
     return plan
 
 
@@ -125,7 +134,8 @@ def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> t
         return torch.stack([_read_cut(ckpt, keys, src_name, axes, expert=e) for e in plan.experts[t]])
     if rest == "mlp.gate.tid2eid":
         table = _read_cut(ckpt, keys, src_name, (V, None))
-        return remap_tid2eid(table, plan.experts[t], tgt.n_routed_experts, tgt.n_activated_experts)
+        return remap_tid2eid(table, plan.experts[t], tgt.n_routed_experts, tgt.n_activated_experts,
+                             n_source_experts=plan.src.n_routed_experts, name=src_name)  # fmt: skip
     return _read_cut(ckpt, keys, src_name, _block_axes(plan, t, rest, D))
 
 
@@ -213,10 +223,27 @@ def _read_cut(ckpt: Checkpoint, keys: dict, name: str, axes, expert: int | None 
     return tensor
 
 
-def remap_tid2eid(table: torch.Tensor, kept: list[int], n_experts: int, k: int) -> torch.Tensor:
-    """Hash routes [V, k_src] over source experts -> [V, k] over the kept ones (rule: TID2EID_RULE)."""
+def remap_tid2eid(table: torch.Tensor, kept: list[int], n_experts: int, k: int,
+                  n_source_experts: int | None = None, name: str = "tid2eid") -> torch.Tensor:  # fmt: skip
+    """Hash routes [V, k_src] over source experts -> [V, k] over the kept ones (rule: TID2EID_RULE).
+
+    Every source id must be a real expert, in [0, n_source_experts) when that is given: a -1 would
+    index the last entry of the id map and come out as a made-up route. `name` (the source tensor) goes
+    into the error messages."""
+    if table.is_floating_point() or table.is_complex() or table.dtype == torch.bool:
+        raise TypeError(f"{name} (source hash routes) must be an integer tensor, got {table.dtype}")
     V = table.shape[0]
     table = table.long()
+    bad = table < 0
+    if n_source_experts is not None:
+        bad |= table >= n_source_experts
+    if bool(bad.any()):
+        row, col = (int(i) for i in bad.nonzero()[0])
+        where = "an id >= 0" if n_source_experts is None else f"in [0, {n_source_experts})"
+        raise ValueError(
+            f"{name} (source hash routes) row {row} (token id {row}) holds {int(table[row, col])} at column {col}: "
+            f"every entry must be a source expert, {where}; is the source checkpoint damaged?"
+        )
     new_id = torch.full((max(int(table.max()) + 1, max(kept) + 1),), -1, dtype=torch.long)
     new_id[torch.tensor(kept)] = torch.arange(len(kept))
     out = torch.full((V, k), -1, dtype=torch.long)
