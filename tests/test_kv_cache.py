@@ -9,7 +9,6 @@ from conftest import perturb
 
 import v4lens
 from v4lens.analysis.caching import concat_chunk_tensors
-from v4lens.analysis.layout import position_axis
 from v4lens.model.kv_cache import V4KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")

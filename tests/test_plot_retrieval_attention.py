@@ -14,7 +14,7 @@ import torch
 
 from v4lens import stats
 from v4lens.analysis.decomposition import decompose
-from v4lens.patching import get_act_patch_attn_out
+from v4lens.analysis.patching import get_act_patch_attn_out
 from v4lens.plot import analysis, attention, retrieval, style
 
 pytestmark = pytest.mark.usefixtures("single_thread")
