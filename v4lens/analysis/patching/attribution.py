@@ -1,16 +1,5 @@
-"""The `atp_*` functions estimate the same sweeps with one forward and one backward pass
-(attribution patching, node level): for each cell, Σ (target_act - corrupted_act) · ∂metric/∂act
-over the cell's elements (and the batch), the gradient taken on the corrupted run. They return
-*effects* (estimated patched metric minus the corrupted metric), with the same axes as the real
-sweep of the family, so compare them with `sweep - patching_metric(model(corrupted_tokens))`.
-The estimate is exact to first order: for a clean run close to the corrupted one, the error
-shrinks quadratically with their distance. Integer decisions (expert ids, indexer picks) have no
-gradient and no AtP, and AtP cannot see a patch flip one (a routing or indexer top-k choice
-near a tie): hold them at the corrupted run's values (hooks returning the cached ids / picks)
-when comparing AtP with real patching. No family here is linear in the metric (every path to
-the logits crosses the final RMSNorm and mHC head), so AtP equals real patching only to first
-order.
-"""
+"""Attribution patching (AtP): the `atp_*` estimates of the sweeps, one forward and one backward pass
+(what they return and how exact they are: the package docstring, `help(v4lens.patching)`)."""
 
 from __future__ import annotations
 

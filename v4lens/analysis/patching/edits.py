@@ -1,8 +1,5 @@
-"""Hook helpers (`hash_route_hooks` / `override_hash_routes`, `indexer_pick_hooks` /
-`force_indexer_picks`, `sink_hooks`, `comb_hooks`) return `(name, fn)` lists for
-`model.run_with_hooks(fwd_hooks=...)` / `model.hooks(...)` or are context managers; they never
-modify a parameter or buffer.
-"""
+"""Hook helpers that edit a mechanism without touching a weight: hash routes, indexer picks, sinks,
+mHC mixing (the package docstring says how they are used)."""
 
 from __future__ import annotations
 

@@ -1,15 +1,5 @@
-"""Activation patching and attribution patching (AtP) for DeepSeek-V4's own mechanisms.
-
-Every sweep takes `(model, corrupted_tokens, clean_cache, patching_metric, ...)` like
-`transformer_lens.patching`'s functions: it runs the corrupted tokens once per swept index with
-one clean piece patched in, and returns the metric of each patched run in a tensor indexed by
-the swept axes, layer first (the same values and layout as TransformerLens where the family
-exists there, e.g. `get_act_patch_attn_out` -> [layer, pos]). Cells of a layer that lacks the
-mechanism (the indexer on a sliding or HCA layer) are NaN. `reduce="mean"` / `"none"` and
-`baseline=True` behave as in TransformerLens (`"none"` / `baseline` return its `PatchingResult`).
-Clean and corrupted tokens must have the same shape; every prompt pair in the batch is patched
-at the same index in the same forward. Only the main blocks are swept (not the MTP blocks).
-"""
+"""Real activation patching: the `get_act_patch_*` sweeps, one patched forward per swept index
+(conventions: the package docstring, `help(v4lens.patching)`)."""
 
 from __future__ import annotations
 
