@@ -16,8 +16,9 @@ from .analysis.decomposition import decompose, stream_lineage
 from .analysis.lens import LensResult
 from .analysis.offload import open_offloaded
 from .model import HookedV4
-from .model.config import PRESETS, V4Config, preset
+from .model.config import V4Config
 from .model.kv_cache import V4KVCache
+from .model.presets import PRESETS, preset
 from .tokenizer import load_tokenizer
 from .weights.loading import Checkpoint, init_weights, load
 from .weights.names import canonical_name, official_name

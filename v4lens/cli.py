@@ -5,7 +5,8 @@
     v4lens viz --model mini-3b --prompt "..." [--layers 2,3] --out figs/   # router / Sinkhorn / indexer figures
     v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
 
-A MODEL is a preset name (tiny, tiny-recall, mini-3b, flash — config only) or a checkpoint directory.
+A MODEL is a preset name (tiny, tiny-recall, mini-3b; flash, flash-0731, pro, pro-0813 — config only) or a
+checkpoint directory.
 Exit codes: 0 done; 2 a malformed command line (bad option values, a --target that is no config, --out naming
 a file); 1 any later failure (a value out of range for the loaded model too). Errors are one line on stderr,
 without a traceback unless V4LENS_DEBUG=1.
@@ -18,6 +19,8 @@ import json
 import math
 import os
 import sys
+
+from .cli_info import info as _info
 
 MAX_INDICES = 1 << 20  # far more than any axis of a V4 model has: a typo like 0-99999999999 is refused, not built
 
@@ -155,47 +158,6 @@ def _model_and_prompt_args(parser: argparse.ArgumentParser, positional: bool) ->
     parser.add_argument("--seed", type=_bounded_int(0, 2**32), default=0, help="seed of a preset's random weights")
     parser.add_argument("--prompt", required=True, help="the prompt text")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
-
-
-def _config_of(model: str):
-    from pathlib import Path
-
-    from .model.config import PRESETS, preset
-    from .weights.loading import Checkpoint
-
-    if model in PRESETS:
-        return preset(model)
-    if Path(model).is_dir():
-        with Checkpoint(model) as ckpt:
-            cfg = ckpt.config()
-            return cfg if ckpt.has_mtp() else cfg.without_mtp()
-    raise ValueError(f"{model!r} is neither a preset ({', '.join(PRESETS)}) nor a checkpoint directory")
-
-
-def _info(args) -> int:
-    cfg = _config_of(args.model)
-    if args.json:
-        print(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("device",)}, indent=1, default=str))
-        return 0
-    counts = cfg.param_counts()
-    kinds = cfg.layer_types()
-    print(f"{cfg.name}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.d_vocab}")
-    size = f"{counts['total'] / 1e9:.2f}B" if counts["total"] >= 1e8 else f"{counts['total'] / 1e6:.2f}M"
-    print(f"parameters: {counts['total']:,} total ({size}), "
-          f"{counts['total_without_mtp']:,} without MTP, {counts['active']:,} active per token")  # fmt: skip
-    print(f"attention: {cfg.n_heads} heads × {cfg.head_dim} (rope {cfg.rope_head_dim}), 1 shared KV head, "
-          f"{cfg.o_groups} output groups, window {cfg.window_size}; indexer {cfg.index_n_heads} × "
-          f"{cfg.index_head_dim}, top-{cfg.index_topk}")  # fmt: skip
-    print(f"MoE: {cfg.n_routed_experts} routed + {cfg.n_shared_experts} shared experts, top-{cfg.n_activated_experts}, "
-          f"inner {cfg.moe_inter_dim}, {cfg.n_hash_layers} hash-routed layers; mHC {cfg.hc_mult} streams; "
-          f"{cfg.n_mtp_layers} MTP block(s)")  # fmt: skip
-    letters = {"sliding": "S", "csa": "C", "hca": "H"}
-    print("layer types (S sliding, C CSA ratio 4, H HCA; * hash-routed):")
-    print("  " + " ".join(f"{i}:{letters[k]}{'' if k != 'hca' else cfg.compress_ratio(i)}{'*' if cfg.is_hash_layer(i) else ''}"
-                          for i, k in enumerate(kinds)))  # fmt: skip
-    for k in ("sliding", "csa", "hca"):
-        print(f"  {k}: {kinds.count(k)}")
-    return 0
 
 
 def _load_model(args):
@@ -351,7 +313,8 @@ def _print_top(model, logits, k: int, title: str) -> None:
 def _slice(args) -> int:
     from pathlib import Path
 
-    from .model.config import PRESETS, V4Config
+    from .model.config import V4Config
+    from .model.presets import PRESETS
     from .weights.slicing import slice_checkpoint
 
     if args.target in PRESETS:

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 
 from .model import HookedV4
-from .model.config import V4Config, preset
+from .model.config import V4Config
+from .model.presets import preset
 from .tasks import (  # re-exported: `from v4lens.train import recall_batch` keeps working
     BOS,
     EOS,

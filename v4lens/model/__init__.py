@@ -18,8 +18,9 @@ when it is imported; `HookedV4`'s conveniences that reach them (`tokenizer`, `ge
 `hooked.py`.
 """
 
-from .config import PRESETS, V4Config, preset, resolve_dtype
+from .config import V4Config, resolve_dtype
 from .hooked import HookedV4, lm_cross_entropy
 from .kv_cache import V4KVCache
+from .presets import PRESETS, preset
 
 __all__ = ["PRESETS", "HookedV4", "V4Config", "V4KVCache", "lm_cross_entropy", "preset", "resolve_dtype"]

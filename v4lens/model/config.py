@@ -1,6 +1,6 @@
 """`V4Config`: every hyper-parameter of a DeepSeek-V4 model, validated, with the presets
-(`tiny`, `tiny-recall`, `mini-3b`, `flash`) and conversions from transformers' `DeepseekV4Config`
-and DeepSeek's `ModelArgs` (in `config_formats.py`).
+(`tiny`, `tiny-recall`, `mini-3b`, `flash`, `flash-0731`, `pro`, `pro-0813`; in `presets.py`) and
+conversions from transformers' `DeepseekV4Config` and DeepSeek's `ModelArgs` (in `config_formats.py`).
 
 Field names follow TransformerLens where one exists (`d_model`, `n_layers`, `n_heads`,
 `d_vocab`) and DeepSeek's `inference/model.py` otherwise; `config_formats.py` maps every field
@@ -109,8 +109,12 @@ class V4Config:
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     norm_eps: float = 1e-6
-    # --- multi-token prediction
+    # --- draft module: n_mtp_layers April MTP blocks, or (dspark_block_size > 0) n_mtp_layers DSpark stages
     n_mtp_layers: int = 1
+    dspark_block_size: int = 0  # 0 = no DSpark; else the anchor token + block_size - 1 noise tokens
+    dspark_noise_token_id: int = 128799
+    dspark_target_layer_ids: tuple[int, ...] = ()  # layers whose output streams DSpark taps, in order
+    dspark_markov_rank: int = 256
     # --- special tokens (ids of the V4 tokenizer)
     bos_token_id: int = 0
     eos_token_id: int = 1
@@ -131,6 +135,8 @@ class V4Config:
                             f"got {self.compress_ratios!r}")  # fmt: skip
         # numpy ints become ints; anything else ("4", 4.5, True) is left for validate() to refuse
         self.compress_ratios = tuple(int(r) if _is_int(r) else r for r in self.compress_ratios)
+        if isinstance(self.dspark_target_layer_ids, (list, range)):  # a JSON list; a string is left to validate()
+            self.dspark_target_layer_ids = tuple(self.dspark_target_layer_ids)
         self.dtype = resolve_dtype(self.dtype)
         if self.device is not None:
             self.device = torch.device(self.device)
@@ -186,12 +192,50 @@ class V4Config:
                 fail("CSA layers need positive index_n_heads, index_head_dim and index_topk")
             if self.index_head_dim < self.rope_head_dim:
                 fail(f"index_head_dim ({self.index_head_dim}) < rope_head_dim ({self.rope_head_dim})")
+        self._validate_dspark(fail)
         if self.qat:
             fail("qat=True (FP8/FP4 QAT simulation) is not implemented; v4lens skips the reference's QAT rounding")
         if not 0 <= self.bos_token_id < self.d_vocab or not 0 <= self.eos_token_id < self.d_vocab:
             fail("bos/eos token ids must lie inside the vocabulary")
 
+    def _validate_dspark(self, fail) -> None:
+        """The DSpark fields (V4-Flash-0731 / V4-Pro-0813): ints in range; only a DSpark config sets target layers."""
+        for name in ("dspark_block_size", "dspark_noise_token_id", "dspark_markov_rank"):
+            if not _is_int(getattr(self, name)):
+                fail(f"{name} must be an int, got {getattr(self, name)!r}", TypeError)
+        targets = self.dspark_target_layer_ids
+        if not isinstance(targets, tuple) or not all(_is_int(t) for t in targets):
+            fail(f"dspark_target_layer_ids must be a tuple of layer indices (ints), got {targets!r}", TypeError)
+        if self.dspark_block_size < 0:
+            fail(f"dspark_block_size must be >= 0 (0 = no DSpark), got {self.dspark_block_size}")
+        if self.dspark_block_size == 0:
+            if targets:
+                fail(f"dspark_target_layer_ids {targets} given but dspark_block_size is 0 (no DSpark)")
+            return
+        if self.dspark_block_size < 2:
+            fail("dspark_block_size must be >= 2 (the anchor and at least one token to draft), got 1")
+        if not 0 <= self.dspark_noise_token_id < self.d_vocab:
+            fail(f"dspark_noise_token_id ({self.dspark_noise_token_id}) must lie in [0, d_vocab={self.d_vocab})")
+        if self.dspark_markov_rank < 1:
+            fail(f"dspark_markov_rank must be positive, got {self.dspark_markov_rank}")
+        if not targets or len(set(targets)) != len(targets) or not all(0 <= t < self.n_layers for t in targets):
+            fail(f"dspark_target_layer_ids must be distinct layers in [0, n_layers={self.n_layers}), got {targets}")
+        if self.n_mtp_layers < 1:
+            fail("a DSpark config (dspark_block_size > 0) needs n_mtp_layers >= 1: the number of DSpark stages")
+        stages = self.compress_ratios[self.n_layers :]
+        if any(stages):  # DSpark attention has no compressor: the official configs list 0 for each stage
+            fail(f"compress_ratios of the DSpark stages (entries {self.n_layers}..) must be 0, got {stages}")
+
     # ------------------------------------------------------------------ derived
+    @property
+    def draft(self) -> Literal["mtp", "dspark"] | None:
+        """The draft module: "mtp" (April MTP blocks), "dspark" (0731 / 0813 DSpark stages) or None.
+
+        Both live under `mtp.*` in checkpoints and are counted by n_mtp_layers; never both at once."""
+        if self.dspark_block_size > 0:
+            return "dspark"
+        return "mtp" if self.n_mtp_layers else None
+
     def compress_ratio(self, layer: int) -> int:
         """Ratio of layer `layer`; layers n_layers.. are the MTP blocks (0 = sliding only when not listed)."""
         if not 0 <= layer < self.n_layers + self.n_mtp_layers:
@@ -241,20 +285,27 @@ class V4Config:
 
     def without_mtp(self) -> "V4Config":
         """The same model without its MTP blocks (e.g. for a checkpoint that holds no mtp.* tensors)."""
-        return self.replace(n_mtp_layers=0, compress_ratios=self.compress_ratios[: self.n_layers])
+        return self.without_draft()
+
+    def without_draft(self) -> "V4Config":
+        """The backbone alone: no MTP blocks, no DSpark stages."""
+        return self.replace(n_mtp_layers=0, compress_ratios=self.compress_ratios[: self.n_layers],
+                            dspark_block_size=0, dspark_target_layer_ids=())  # fmt: skip
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dtype"] = str(self.dtype).removeprefix("torch.")
         d["device"] = None if self.device is None else str(self.device)
         d["compress_ratios"] = list(self.compress_ratios)
+        d["dspark_target_layer_ids"] = list(self.dspark_target_layer_ids)
         return d
 
     def layer_types(self) -> list[LayerType]:
         return [self.layer_type(i) for i in range(self.n_layers)]
 
     def param_counts(self) -> dict[str, int]:
-        """Parameter counts computed from the config; `active` (per token) counts the embedding and head, not MTP."""
+        """Parameter counts computed from the config; `active` (per token) counts the embedding and head, not the
+        draft module (MTP or DSpark), which `total` includes and `total_without_mtp` leaves out."""
         D, H, c, V = self.d_model, self.n_heads, self.head_dim, self.d_vocab
         hc, E, k, I = self.hc_mult, self.n_routed_experts, self.n_activated_experts, self.moe_inter_dim
         mix = (2 + hc) * hc
@@ -294,7 +345,12 @@ class V4Config:
         for j in range(self.n_mtp_layers):
             layer = self.n_layers + j
             m_total, _ = moe(layer, False)
-            mtp += attn(layer) + hc_params + 2 * D + m_total + 2 * D * D + 3 * D + hc * hc * D + hc + 1
+            mtp += attn(layer) + hc_params + 2 * D + m_total
+            if self.draft == "mtp":  # e_proj, h_proj, enorm, hnorm, norm, own hc_head
+                mtp += 2 * D * D + 3 * D + hc * hc * D + hc + 1
+        if self.draft == "dspark":  # main_proj + main_norm; the last stage's norm, hc_head, Markov and confidence heads
+            r = self.dspark_markov_rank
+            mtp += len(self.dspark_target_layer_ids) * D * D + 2 * D + hc * hc * D + hc + 1 + 2 * V * r + D + r
         return {"total": total + mtp, "total_without_mtp": total, "active": active}
 
     # ------------------------------------------------------------------ conversions (config_formats.py)
@@ -328,66 +384,11 @@ class V4Config:
         return config_formats.to_official(self)
 
 
-# ---------------------------------------------------------------------- presets
-def _tiny(**kw) -> V4Config:
-    """Every attention type (sliding, CSA, HCA with a non-128 ratio), hash and routed MoE, MTP.
+def __getattr__(name: str):
+    """`PRESETS` and `preset` live in presets.py (which imports this module); `from v4lens.model.config import
+    PRESETS, preset` keeps working through this lazy lookup (PEP 562) without an import cycle."""
+    if name in ("PRESETS", "preset"):
+        from . import presets
 
-    Real vocabulary so the V4 tokenizer's ids are valid; everything else tiny.
-    """
-    base = dict(
-        name="tiny", d_vocab=129280, d_model=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=8,
-        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 6, 4, 0),
-        index_n_heads=2, index_head_dim=16, index_topk=3, n_routed_experts=8, n_activated_experts=2,
-        moe_inter_dim=32, n_hash_layers=1, n_mtp_layers=1,
-    )  # fmt: skip
-    base.update(kw)
-    return V4Config(**base)
-
-
-def _tiny_recall(**kw) -> V4Config:
-    """The model `v4lens.load("tiny-recall")` ships trained (v4lens/train.py, v4lens/data/tiny-recall).
-
-    128-token synthetic vocabulary (layout in v4lens.train); layer 0 sliding (window 8) with a
-    hash-routed MoE, layer 1 CSA (ratio 4, Lightning Indexer picking the top 2 entries), layer 2
-    HCA (ratio 8); 4 routed experts (top-2) + 1 shared; mHC with 4 streams; no MTP block.
-    """
-    base = dict(
-        name="tiny-recall", d_vocab=128, d_model=64, n_layers=3, n_heads=4, head_dim=32, rope_head_dim=8,
-        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 8),
-        index_n_heads=2, index_head_dim=16, index_topk=2, n_routed_experts=4, n_activated_experts=2,
-        moe_inter_dim=64, n_hash_layers=1, n_mtp_layers=0, hc_mult=4, max_position_embeddings=4096,
-        original_seq_len=0,  # no YaRN: sequences are short
-    )  # fmt: skip
-    base.update(kw)
-    return V4Config(**base)
-
-
-def _mini_3b(**kw) -> V4Config:
-    """A small-scale replica of V4-Flash (3.17B parameters with MTP, 3.07B without)."""
-    base = dict(
-        name="mini-3b", d_vocab=129280, d_model=1536, n_layers=28, n_heads=24, head_dim=64, rope_head_dim=32,
-        q_lora_rank=512, o_lora_rank=512, o_groups=4, window_size=64,
-        compress_ratios=(0, 0) + (4, 112) * 12 + (4, 0), index_n_heads=16, index_head_dim=96, index_topk=192,
-        n_routed_experts=24, n_activated_experts=4, moe_inter_dim=768, n_hash_layers=2, n_mtp_layers=1,
-        max_position_embeddings=1048576, rope_factor=16.0, original_seq_len=65536, compress_rope_theta=160000.0,
-        rope_theta=10000.0, route_scale=1.5, swiglu_limit=10.0, hc_mult=4,
-    )  # fmt: skip
-    base.update(kw)
-    return V4Config(**base)
-
-
-def _flash(**kw) -> V4Config:
-    """V4-Flash's dimensions (config only: 284B parameters do not fit here)."""
-    base = dict(name="flash")
-    base.update(kw)
-    return V4Config(**base)
-
-
-PRESETS = {"tiny": _tiny, "tiny-recall": _tiny_recall, "mini-3b": _mini_3b, "flash": _flash}
-
-
-def preset(name: str, **overrides) -> V4Config:
-    """A preset config by name (`tiny`, `tiny-recall`, `mini-3b`, `flash`), with field overrides."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name](**overrides)
+        return getattr(presets, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

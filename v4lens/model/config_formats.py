@@ -22,6 +22,15 @@ def from_hf(hf_config: Any, **overrides) -> V4Config:
     d = _as_dict(hf_config)
     n_layers = d.get("num_hidden_layers", 43)
     n_mtp = d.get("num_nextn_predict_layers", 1)
+    dspark = _dspark_fields(d)
+    if dspark:
+        # The released transformers-style configs of the DSpark models (V4-Flash-0731, V4-Pro-0813) still say
+        # num_nextn_predict_layers: 1, but their checkpoints hold three stages. Inferred rule: the stage count
+        # is the number of compress_ratios entries after the backbone's (46 - 43 = 3 for Flash-0731), or the
+        # stage ratios v4lens writes, else the official code's 3.
+        extra = len(d.get("compress_ratios") or ()) - n_layers
+        written = d.get("v4lens_mtp_compress_ratios") if d.get("compress_ratios") is None else None
+        n_mtp = extra if extra > 0 else len(written) if written else 3
     if d.get("compress_ratios") is not None:
         ratios = list(d["compress_ratios"])
     else:
@@ -97,6 +106,7 @@ def from_hf(hf_config: Any, **overrides) -> V4Config:
         hc_eps=d.get("hc_eps", 1e-6),
         norm_eps=d.get("rms_norm_eps", 1e-6),
         n_mtp_layers=n_mtp,
+        **dspark,
         bos_token_id=d.get("bos_token_id") if d.get("bos_token_id") is not None else 0,
         eos_token_id=_first(d.get("eos_token_id"), 1),
         initializer_range=d.get("initializer_range", 0.02),
@@ -112,6 +122,7 @@ def to_hf(self: V4Config) -> Any:
 
     types = {"sliding": "sliding_attention", "csa": "compressed_sparse_attention", "hca": "heavily_compressed_attention"}
     hca = {self.compress_ratio(i) for i in range(self.n_layers) if self.layer_type(i) == "hca"}
+    dspark = _dspark_keys(self)  # transformers keeps unknown keys in the config (and ignores them)
     if len(hca) > 1:
         raise ValueError(f"transformers allows one HCA ratio per model; this config has {sorted(hca)}")
     rope = {"rope_type": "default"}
@@ -138,7 +149,7 @@ def to_hf(self: V4Config) -> Any:
         index_topk=self.index_topk, num_nextn_predict_layers=self.n_mtp_layers,
         rms_norm_eps=self.norm_eps, bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id,
         partial_rotary_factor=self.rope_head_dim / self.head_dim, rope_parameters=rope,
-        initializer_range=self.initializer_range,
+        initializer_range=self.initializer_range, **dspark,
     )  # fmt: skip
 
 def from_official(model_args: Any, **overrides) -> V4Config:
@@ -178,7 +189,8 @@ def from_official(model_args: Any, **overrides) -> V4Config:
         hc_sinkhorn_iters=d.get("hc_sinkhorn_iters", 20),
         hc_eps=d.get("hc_eps", 1e-6),
         norm_eps=d.get("norm_eps", 1e-6),
-        n_mtp_layers=d.get("n_mtp_layers", 1),
+        n_mtp_layers=d.get("n_mtp_layers", 1),  # DSpark configs: the number of stages (3 in 0731 / 0813)
+        **_dspark_fields(d),
     )
     if "max_seq_len" in d and "original_seq_len" in d and d["original_seq_len"]:
         kwargs["max_position_embeddings"] = int(d["original_seq_len"] * d.get("rope_factor", 1))
@@ -187,7 +199,7 @@ def from_official(model_args: Any, **overrides) -> V4Config:
 
 def to_official(self: V4Config) -> dict:
     """ModelArgs-style dict (DeepSeek's inference/config.json names)."""
-    return {
+    return _dspark_keys(self) | {
         "vocab_size": self.d_vocab, "dim": self.d_model, "moe_inter_dim": self.moe_inter_dim,
         "n_layers": self.n_layers, "n_hash_layers": self.n_hash_layers, "n_mtp_layers": self.n_mtp_layers,
         "n_heads": self.n_heads, "n_routed_experts": self.n_routed_experts,
@@ -203,6 +215,21 @@ def to_official(self: V4Config) -> dict:
         "index_head_dim": self.index_head_dim, "index_topk": self.index_topk, "hc_mult": self.hc_mult,
         "hc_sinkhorn_iters": self.hc_sinkhorn_iters, "hc_eps": self.hc_eps,
     }  # fmt: skip
+
+_DSPARK_KEYS = ("dspark_block_size", "dspark_noise_token_id", "dspark_target_layer_ids", "dspark_markov_rank")
+
+
+def _dspark_fields(d: dict) -> dict:
+    """The dspark_* keys of a config file (same names in both vocabularies) that are present."""
+    return {k: tuple(d[k]) if isinstance(d[k], list) else d[k] for k in _DSPARK_KEYS if d.get(k) is not None}
+
+
+def _dspark_keys(cfg: V4Config) -> dict:
+    """The dspark_* keys to write: only for a DSpark config (April configs are written as they were)."""
+    if cfg.draft != "dspark":
+        return {}
+    return {k: list(v) if isinstance(v := getattr(cfg, k), tuple) else v for k in _DSPARK_KEYS}
+
 
 # A config.json is a few KB; reading is capped so that a file symlinked to /dev/zero (or a huge
 # one) is an error instead of a read that lasts until memory runs out.

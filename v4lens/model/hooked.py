@@ -42,6 +42,9 @@ class HookedV4(HookedRootModule):
 
     def __init__(self, cfg: V4Config, device=None, tokenizer=None):
         super().__init__()
+        if cfg.draft == "dspark":  # its stages are not April MTP blocks: never build them as such
+            raise NotImplementedError(f"{cfg.name}: the DSpark drafter is not implemented yet; build the backbone "
+                                      "with cfg.without_draft() (v4lens.load does so with a warning)")  # fmt: skip
         self.cfg = cfg
         D, V = cfg.d_model, cfg.d_vocab
         self.embed = nn.Module()

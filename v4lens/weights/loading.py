@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from ..model import HookedV4
-from ..model.config import PRESETS, V4Config, resolve_dtype
-from ..model.config import preset as preset_config
+from ..model.config import V4Config, resolve_dtype
+from ..model.presets import PRESETS
+from ..model.presets import preset as preset_config
 from .checkpoint import Checkpoint, detect_format, safetensors_files  # noqa: F401  (re-exported)
 from .memory import ModelTooLargeError, check_memory, model_bytes  # noqa: F401  (re-exported)
 from .names import canonical_name
@@ -62,7 +63,7 @@ def load(
     elif name is not None and name in PRESETS:
         if name in SHIPPED:
             warnings.warn(f"no trained {name} checkpoint is shipped in this install: random-init weights")
-        cfg = preset_config(name, dtype=resolve_dtype(dtype), device=device, **overrides)
+        cfg = _backbone_if_dspark(preset_config(name, dtype=resolve_dtype(dtype), device=device, **overrides), name)
         model = build_empty(cfg, device, max_memory)
         init_weights(model, seed)
     elif name is None and Path(name_or_path).is_dir():
@@ -169,16 +170,33 @@ def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, **over
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
     with Checkpoint(path) as ckpt:
         cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
-        if cfg.n_mtp_layers and not ckpt.has_mtp():
+        skip = None
+        if cfg.draft == "dspark":  # the DSpark stages' tensors are mtp.{s}.*, s < n_mtp_layers: only those are skipped
+            skip = re.compile(rf"^mtp\.({'|'.join(map(str, range(cfg.n_mtp_layers)))})\.")
+            cfg = _backbone_if_dspark(cfg, path)
+        elif cfg.n_mtp_layers and not ckpt.has_mtp():
             warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without MTP")
             cfg = cfg.without_mtp()
         model = build_empty(cfg, device, max_memory)
-        load_tensors(model, ckpt)
+        load_tensors(model, ckpt, skip)
     return model
 
 
-def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
-    """Copy every checkpoint tensor into its v4lens parameter; error on missing, extra or mis-shaped ones."""
+def _backbone_if_dspark(cfg: V4Config, source) -> V4Config:
+    """A DSpark config -> its backbone, with one warning (the DSpark module is not implemented yet)."""
+    if cfg.draft != "dspark":
+        return cfg
+    warnings.warn(
+        f"{source}: the DSpark drafter ({cfg.n_mtp_layers} stages, mtp.* tensors) is not implemented yet in v4lens: "
+        "building the backbone only and skipping the DSpark mtp.* tensors"
+    )
+    return cfg.without_draft()
+
+
+def load_tensors(model: HookedV4, ckpt: Checkpoint, skip: re.Pattern | None = None) -> None:
+    """Copy every checkpoint tensor into its v4lens parameter; error on missing, extra or mis-shaped ones.
+
+    skip: stored names to leave out on purpose (a DSpark checkpoint's stages while DSpark is not implemented)."""
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     filled: set[str] = set()
@@ -186,6 +204,8 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
     unexpected = []
     reads: list[tuple[str, torch.Tensor]] = []  # everything is matched and checked before any data is read
     for key in ckpt.keys:
+        if skip is not None and skip.search(key):
+            continue
         target_name, expert = canonical_name(key, with_expert=True)
         if target_name is None:
             continue  # tensors v4lens deliberately ignores (e.g. mtp.*.embed)

@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 
 from ..model import HookedV4
-from ..model.config import V4Config, preset, resolve_dtype
+from ..model.config import V4Config, resolve_dtype
+from ..model.presets import preset
 from .loading import Checkpoint
 from .saving import write_checkpoint
 from .slice_plan import TID2EID_RULE, SlicePlan, default_layers, make_plan
@@ -84,7 +85,10 @@ def slice_checkpoint(
     shard_size_bytes(max_shard_size)
     with Checkpoint(src) as ckpt:
         src_cfg = ckpt.config()
-        if not ckpt.has_mtp():
+        if src_cfg.draft == "dspark":  # its stages are not April MTP blocks: never cut them as such
+            warnings.warn(f"{src} has a DSpark drafter, which v4lens does not slice yet: the output has the backbone")
+            src_cfg = src_cfg.without_draft()
+        elif not ckpt.has_mtp():
             src_cfg = src_cfg.without_mtp()
         tgt_cfg = preset(target) if isinstance(target, str) else target
         tgt_cfg = tgt_cfg.replace(dtype=resolve_dtype(dtype), device=None)

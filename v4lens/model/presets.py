@@ -1,0 +1,111 @@
+"""The preset configs: `tiny`, `tiny-recall`, `mini-3b` (built with seeded random weights) and the
+DeepSeek releases `flash` (April V4-Flash, MTP), `flash-0731` (DSpark), `pro` (April V4-Pro, MTP) and
+`pro-0813` (DSpark), which are config only: their weights do not fit a usual machine.
+"""
+
+from __future__ import annotations
+
+from .config import V4Config
+
+
+def _tiny(**kw) -> V4Config:
+    """Every attention type (sliding, CSA, HCA with a non-128 ratio), hash and routed MoE, MTP.
+
+    Real vocabulary so the V4 tokenizer's ids are valid; everything else tiny.
+    """
+    base = dict(
+        name="tiny", d_vocab=129280, d_model=64, n_layers=4, n_heads=4, head_dim=32, rope_head_dim=8,
+        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 6, 4, 0),
+        index_n_heads=2, index_head_dim=16, index_topk=3, n_routed_experts=8, n_activated_experts=2,
+        moe_inter_dim=32, n_hash_layers=1, n_mtp_layers=1,
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _tiny_recall(**kw) -> V4Config:
+    """The model `v4lens.load("tiny-recall")` ships trained (v4lens/train.py, v4lens/data/tiny-recall).
+
+    128-token synthetic vocabulary (layout in v4lens.train); layer 0 sliding (window 8) with a
+    hash-routed MoE, layer 1 CSA (ratio 4, Lightning Indexer picking the top 2 entries), layer 2
+    HCA (ratio 8); 4 routed experts (top-2) + 1 shared; mHC with 4 streams; no MTP block.
+    """
+    base = dict(
+        name="tiny-recall", d_vocab=128, d_model=64, n_layers=3, n_heads=4, head_dim=32, rope_head_dim=8,
+        q_lora_rank=32, o_lora_rank=16, o_groups=2, window_size=8, compress_ratios=(0, 4, 8),
+        index_n_heads=2, index_head_dim=16, index_topk=2, n_routed_experts=4, n_activated_experts=2,
+        moe_inter_dim=64, n_hash_layers=1, n_mtp_layers=0, hc_mult=4, max_position_embeddings=4096,
+        original_seq_len=0,  # no YaRN: sequences are short
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _mini_3b(**kw) -> V4Config:
+    """A small-scale replica of V4-Flash (3.17B parameters with MTP, 3.07B without)."""
+    base = dict(
+        name="mini-3b", d_vocab=129280, d_model=1536, n_layers=28, n_heads=24, head_dim=64, rope_head_dim=32,
+        q_lora_rank=512, o_lora_rank=512, o_groups=4, window_size=64,
+        compress_ratios=(0, 0) + (4, 112) * 12 + (4, 0), index_n_heads=16, index_head_dim=96, index_topk=192,
+        n_routed_experts=24, n_activated_experts=4, moe_inter_dim=768, n_hash_layers=2, n_mtp_layers=1,
+        max_position_embeddings=1048576, rope_factor=16.0, original_seq_len=65536, compress_rope_theta=160000.0,
+        rope_theta=10000.0, route_scale=1.5, swiglu_limit=10.0, hc_mult=4,
+    )  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _flash(**kw) -> V4Config:
+    """V4-Flash (April) dimensions, one MTP block (config only: 284B parameters do not fit here)."""
+    base = dict(name="flash")
+    base.update(kw)
+    return V4Config(**base)
+
+
+# DSpark of the 0731 / 0813 releases: blocks of 5 (the anchor + 4 noise tokens 128799), three stages
+# (layer ids n_layers + 0..2, compress ratio 0 each), tapping the last three backbone layers.
+_DSPARK = dict(n_mtp_layers=3, dspark_block_size=5, dspark_noise_token_id=128799)
+_FLASH_RATIOS = (0, 0) + (4, 128) * 20 + (4,)
+_PRO_RATIOS = (128, 128) + (4, 128) * 29 + (4,)  # layers 0 and 1 are HCA and hash-routed at once
+
+
+def _flash_0731(**kw) -> V4Config:
+    """V4-Flash-0731: the Flash backbone with a DSpark drafter of 3 stages (config only)."""
+    base = dict(name="flash-0731", compress_ratios=_FLASH_RATIOS + (0, 0, 0), dspark_target_layer_ids=(40, 41, 42),
+                dspark_markov_rank=256, **_DSPARK)  # fmt: skip
+    base.update(kw)
+    return V4Config(**base)
+
+
+def _pro(**kw) -> V4Config:
+    """V4-Pro (April): 61 layers of D 7168, 384 experts, one MTP block (config only).
+
+    rope_head_dim 64, vocabulary and special tokens as V4-Flash (the same code; inferred)."""
+    base = dict(
+        name="pro", d_model=7168, n_layers=61, n_heads=128, head_dim=512, rope_head_dim=64, q_lora_rank=1536,
+        o_lora_rank=1024, o_groups=16, window_size=128, compress_ratios=_PRO_RATIOS + (0,), index_n_heads=64,
+        index_head_dim=128, index_topk=1024, n_routed_experts=384, n_activated_experts=6, moe_inter_dim=3072,
+        n_hash_layers=3, route_scale=2.5, swiglu_limit=10.0, n_mtp_layers=1,
+    )  # fmt: skip
+    base.update(kw)
+    return _flash(**base)
+
+
+def _pro_0813(**kw) -> V4Config:
+    """V4-Pro-0813: the Pro backbone with a DSpark drafter of 3 stages (config only)."""
+    base = dict(name="pro-0813", compress_ratios=_PRO_RATIOS + (0, 0, 0), dspark_target_layer_ids=(58, 59, 60),
+                dspark_markov_rank=512, **_DSPARK)  # fmt: skip
+    base.update(kw)
+    return _pro(**base)
+
+
+PRESETS = {"tiny": _tiny, "tiny-recall": _tiny_recall, "mini-3b": _mini_3b, "flash": _flash,
+           "flash-0731": _flash_0731, "pro": _pro, "pro-0813": _pro_0813}  # fmt: skip
+
+
+def preset(name: str, **overrides) -> V4Config:
+    """A preset config by name (`tiny`, `tiny-recall`, `mini-3b`, `flash`, and config only `flash-0731`,
+    `pro`, `pro-0813`), with field overrides."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name](**overrides)
