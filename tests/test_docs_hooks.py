@@ -47,7 +47,9 @@ def doc() -> str:
 
 @pytest.fixture(scope="module")
 def models():
-    return {key: v4lens.load("tiny", d_vocab=VOCAB, seed=0, **kw) for key, kw in CONFIGS.items()}
+    models = {key: v4lens.load("tiny", d_vocab=VOCAB, seed=0, **kw) for key, kw in CONFIGS.items()}
+    models["dspark"] = v4lens.load("tiny-dspark", d_vocab=VOCAB, dspark_noise_token_id=7, seed=0)  # the DSpark names
+    return models
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,7 @@ def tokens():
 def template(name: str) -> str:
     """blocks.3.attn.hook_q -> blocks.{l}.attn.hook_q; mtp.0.hook_logits -> mtp.{i}.hook_logits."""
     name = re.sub(r"^blocks\.\d+\.", "blocks.{l}.", name)
+    name = re.sub(r"^dspark\.stages\.\d+\.", "dspark.stages.{s}.", name)
     return re.sub(r"^mtp\.\d+\.", "mtp.{i}.", name)
 
 

@@ -281,16 +281,16 @@ def test_a_dspark_checkpoint_still_refuses_foreign_tensors(tmp_path):
 def test_a_dspark_config_never_builds_mtp_blocks():
     cfg = preset("tiny", d_vocab=256, n_mtp_layers=3, compress_ratios=(0, 4, 6, 4, 0, 0, 0), dspark_block_size=5,
                  dspark_noise_token_id=7, dspark_target_layer_ids=(1, 2, 3), dspark_markov_rank=8)  # fmt: skip
-    with pytest.raises(NotImplementedError, match="without_draft"):
-        HookedV4(cfg)
+    assert len(HookedV4(cfg).mtp) == 0  # its stages are DSpark stages, never April MTP blocks
     backbone = cfg.without_draft()
     assert backbone.draft is None and backbone.n_mtp_layers == 0 and backbone.compress_ratios == (0, 4, 6, 4)
     assert backbone.dspark_block_size == 0 and backbone.dspark_target_layer_ids == ()
-    with pytest.warns(UserWarning, match="DSpark"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a preset builds the whole DSpark model, without a warning
         model = v4lens.load("tiny", d_vocab=256, n_mtp_layers=3, compress_ratios=(0, 4, 6, 4, 0, 0, 0),
                             dspark_block_size=5, dspark_noise_token_id=7, dspark_target_layer_ids=(1, 2, 3),
                             dspark_markov_rank=8)  # fmt: skip
-    assert len(model.mtp) == 0 and model.cfg.draft is None
+    assert len(model.mtp) == 0 and model.cfg.draft == "dspark" and len(model.dspark.stages) == 3
 
 
 def test_slicing_a_dspark_checkpoint_keeps_the_backbone_only(tmp_path):

@@ -38,6 +38,12 @@ def is_entry_name(name: str) -> bool:
     return ".compressor." in name or name.endswith("indexer.hook_kv")
 
 
+def is_draft_block_name(name: str) -> bool:
+    """DSpark hooks indexed by draft-block position (the K positions after the input), not by input
+    position: everything under `dspark.` except the per-position taps and context vector."""
+    return name.startswith("dspark.") and not name.startswith(("dspark.hook_taps", "dspark.hook_main_x"))
+
+
 def position_axis(name: str, has_batch_dim: bool = True) -> int | None:
     """The query-position axis of the tensor cached under `name`, or None if it has none.
 
@@ -45,9 +51,11 @@ def position_axis(name: str, has_batch_dim: bool = True) -> int | None:
     (1, 2)
     >>> position_axis("blocks.1.attn.compressor.hook_kv") is None     # entries, not positions
     True
+    >>> position_axis("dspark.hook_drafts") is None                   # draft-block positions
+    True
     """
     name = name.removesuffix("_grad")  # gradients are cached under name + "_grad", same layout
-    if is_entry_name(name):
+    if is_entry_name(name) or is_draft_block_name(name):
         return None
     axis = 2 if name.endswith(_HEAD_FIRST) else 1
     return axis if has_batch_dim else axis - 1

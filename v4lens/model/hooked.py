@@ -18,6 +18,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from .block import Block
 from .config import V4Config
+from .dspark import DSpark, dspark_args, run_dspark
 from .guards import CheckedHookPoint, claim
 from .head import fp32_logits
 from .hyper_connections import HyperHead
@@ -42,9 +43,6 @@ class HookedV4(HookedRootModule):
 
     def __init__(self, cfg: V4Config, device=None, tokenizer=None):
         super().__init__()
-        if cfg.draft == "dspark":  # its stages are not April MTP blocks: never build them as such
-            raise NotImplementedError(f"{cfg.name}: the DSpark drafter is not implemented yet; build the backbone "
-                                      "with cfg.without_draft() (v4lens.load does so with a warning)")  # fmt: skip
         self.cfg = cfg
         D, V = cfg.d_model, cfg.d_vocab
         self.embed = nn.Module()
@@ -57,7 +55,11 @@ class HookedV4(HookedRootModule):
         # Stored in the model dtype (checkpoints hold it in bf16); the logits GEMM runs in fp32 as in the reference.
         self.head.weight = param((V, D), cfg.dtype, device)
         self.hook_logits = HookPoint()
-        self.mtp = nn.ModuleList(MTPBlock(cfg, i, device=device) for i in range(cfg.n_mtp_layers))
+        # on a DSpark config n_mtp_layers counts its stages: never build them as April MTP blocks
+        n_mtp = cfg.n_mtp_layers if cfg.draft == "mtp" else 0
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i, device=device) for i in range(n_mtp))
+        if cfg.draft == "dspark":
+            self.dspark = DSpark(cfg, device=device)
         self._tokenizer = tokenizer
         # By name: `to_empty` (build_empty) and checkpoint loading replace the Parameter objects,
         # which drops the per-tensor `_v4_fp32` marker that fp32_param sets.
@@ -187,6 +189,8 @@ class HookedV4(HookedRootModule):
         past_kv_cache: V4KVCache | None = None,
         stop_at_layer: int | None = None,
         logits_to_keep: int = 0,
+        draft: bool = False,
+        draft_anchor: torch.Tensor | int | None = None,
     ):
         """Run the model.
 
@@ -205,8 +209,14 @@ class HookedV4(HookedRootModule):
         [-n_layers, n_layers]; negative counts from the end, as in TransformerLens (-1: all but the last).
         logits_to_keep: an int >= 0; if > 0, run the head (and its hooks) on the last that many
         positions only (transformers' option: a long prompt's [b, p, V] fp32 logits are 0.5 GB per 1k tokens).
+        draft: run the DSpark drafter (DSpark models only) after the last position; the result becomes
+        `(result, Draft)` (v4lens.model.dspark). draft_anchor: the token at the position after the last
+        (int or int64 [b]) instead of the main head's argmax there.
         """
         tokens = self._validate_tokens(input)
+        draft_anchor = dspark_args(self.cfg, draft, mtp, past_kv_cache, draft_anchor, tokens.shape[0], tokens.device)
+        if draft and stop_at_layer is not None:
+            raise ValueError("stop_at_layer cannot be combined with draft=True (the drafter needs every layer)")
         stop_at_layer, logits_to_keep, mtp_next_tokens = forward_args(
             self.cfg, tokens, return_type, mtp, mtp_next_tokens, past_kv_cache, stop_at_layer, logits_to_keep
         )
@@ -220,10 +230,11 @@ class HookedV4(HookedRootModule):
             return self._forward(
                 tokens, return_type, mtp=mtp, mtp_next_tokens=mtp_next_tokens, loss_per_token=loss_per_token,
                 past_kv_cache=past_kv_cache, stop_at_layer=stop_at_layer, logits_to_keep=logits_to_keep,
+                draft=draft, draft_anchor=draft_anchor,
             )  # fmt: skip
 
     def _forward(self, tokens, return_type, *, mtp, mtp_next_tokens, loss_per_token, past_kv_cache, stop_at_layer,
-                 logits_to_keep):  # fmt: skip
+                 logits_to_keep, draft=False, draft_anchor=None):  # fmt: skip
         b, S = tokens.shape
         if past_kv_cache is not None:
             positions = past_kv_cache.start(tokens, self)
@@ -235,11 +246,14 @@ class HookedV4(HookedRootModule):
         embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
         # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
         streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
-        for block in self.blocks[:stop_at_layer]:
+        targets, taps = (self.cfg.dspark_target_layer_ids if draft else ()), {}  # DSpark's taps
+        for layer, block in enumerate(self.blocks[:stop_at_layer]):
             streams = block(streams, positions, tokens, past_kv_cache)
+            if layer in targets:  # DSpark reads these layers' output streams
+                taps[layer] = streams
         if stop_at_layer is not None:
             return streams
-        if return_type is None and not mtp:
+        if return_type is None and not mtp and not draft:
             if past_kv_cache is not None:
                 past_kv_cache.length += S
             return None
@@ -258,6 +272,8 @@ class HookedV4(HookedRootModule):
             past_kv_cache.length += S
             if mtp:
                 past_kv_cache.mtp_length = past_kv_cache.length
+        if draft:
+            return result, run_dspark(self, [taps[i] for i in targets], logits, positions, draft_anchor)
         return (result, mtp_logits) if mtp else result
 
     def _unembed(self, streams: torch.Tensor) -> torch.Tensor:

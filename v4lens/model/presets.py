@@ -23,6 +23,14 @@ def _tiny(**kw) -> V4Config:
     return V4Config(**base)
 
 
+def _tiny_dspark(**kw) -> V4Config:
+    """`tiny` with a DSpark drafter instead of the MTP block: 3 stages, block 5, taps of layers 1-3."""
+    base = dict(name="tiny-dspark", n_mtp_layers=3, compress_ratios=(0, 4, 6, 4, 0, 0, 0), dspark_block_size=5,
+                dspark_noise_token_id=128799, dspark_target_layer_ids=(1, 2, 3), dspark_markov_rank=8)  # fmt: skip
+    base.update(kw)
+    return _tiny(**base)
+
+
 def _tiny_recall(**kw) -> V4Config:
     """The model `v4lens.load("tiny-recall")` ships trained (v4lens/train.py, v4lens/data/tiny-recall).
 
@@ -99,13 +107,13 @@ def _pro_0813(**kw) -> V4Config:
     return _pro(**base)
 
 
-PRESETS = {"tiny": _tiny, "tiny-recall": _tiny_recall, "mini-3b": _mini_3b, "flash": _flash,
-           "flash-0731": _flash_0731, "pro": _pro, "pro-0813": _pro_0813}  # fmt: skip
+PRESETS = {"tiny": _tiny, "tiny-dspark": _tiny_dspark, "tiny-recall": _tiny_recall, "mini-3b": _mini_3b,
+           "flash": _flash, "flash-0731": _flash_0731, "pro": _pro, "pro-0813": _pro_0813}  # fmt: skip
 
 
 def preset(name: str, **overrides) -> V4Config:
-    """A preset config by name (`tiny`, `tiny-recall`, `mini-3b`, `flash`, and config only `flash-0731`,
-    `pro`, `pro-0813`), with field overrides."""
+    """A preset config by name (`tiny`, `tiny-dspark`, `tiny-recall`, `mini-3b`, `flash`, and config only
+    `flash-0731`, `pro`, `pro-0813`), with field overrides."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name](**overrides)

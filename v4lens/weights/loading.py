@@ -63,7 +63,7 @@ def load(
     elif name is not None and name in PRESETS:
         if name in SHIPPED:
             warnings.warn(f"no trained {name} checkpoint is shipped in this install: random-init weights")
-        cfg = _backbone_if_dspark(preset_config(name, dtype=resolve_dtype(dtype), device=device, **overrides), name)
+        cfg = preset_config(name, dtype=resolve_dtype(dtype), device=device, **overrides)  # DSpark included
         model = build_empty(cfg, device, max_memory)
         init_weights(model, seed)
     elif name is None and Path(name_or_path).is_dir():
@@ -183,12 +183,13 @@ def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, **over
 
 
 def _backbone_if_dspark(cfg: V4Config, source) -> V4Config:
-    """A DSpark config -> its backbone, with one warning (the DSpark module is not implemented yet)."""
+    """A checkpoint's DSpark config -> its backbone, with one warning (reading the DSpark tensors is not
+    implemented yet; presets and scaffolds build the whole DSpark model)."""
     if cfg.draft != "dspark":
         return cfg
     warnings.warn(
-        f"{source}: the DSpark drafter ({cfg.n_mtp_layers} stages, mtp.* tensors) is not implemented yet in v4lens: "
-        "building the backbone only and skipping the DSpark mtp.* tensors"
+        f"{source}: loading the DSpark drafter ({cfg.n_mtp_layers} stages, mtp.* tensors) from a checkpoint is not "
+        "implemented yet in v4lens: building the backbone only and skipping the DSpark mtp.* tensors"
     )
     return cfg.without_draft()
 
