@@ -1,6 +1,6 @@
 """The four DeepSeek-V4 releases (V4-Flash, V4-Flash-0731, V4-Pro, V4-Pro-0813): their configs in both
 vocabularies, the presets, DSpark config fields, the official tensor counts, `v4lens info`, and how a
-DSpark checkpoint loads while the DSpark module is not implemented.
+DSpark checkpoint loads and slices (tests/test_dspark_checkpoints.py has the details).
 
 The config fixtures are written from the specification's release tables (DeepSeek's
 `inference/config.json` names and the transformers-style `config.json` names).
@@ -236,45 +236,34 @@ def test_info_of_flash_0731(capsys):
 
 # ---------------------------------------------------------------------- loading a DSpark checkpoint
 def _dspark_checkpoint(path, format):
-    """A tiny checkpoint whose config says DSpark (3 stages tapping layers 1..3) and that holds a few
-    DSpark tensors next to the backbone's; returns the backbone model that wrote it."""
-    model = v4lens.load("tiny", d_vocab=256, n_mtp_layers=0, compress_ratios=(0, 4, 6, 4))
+    """A tiny DSpark checkpoint (3 stages tapping layers 1..3) whose transformers-style config says
+    `num_nextn_predict_layers: 1` as the released one does; returns the model that wrote it."""
+    model = v4lens.load("tiny-dspark", d_vocab=256, dspark_noise_token_id=7)
     model.save_pretrained(path, format=format)
-    raw = json.loads((path / "config.json").read_text())
-    dspark = {"dspark_block_size": 5, "dspark_noise_token_id": 7, "dspark_target_layer_ids": [1, 2, 3],
-              "dspark_markov_rank": 8}  # fmt: skip
-    raw.update(dspark)
-    if format == "official":
-        raw.update(n_mtp_layers=3, compress_ratios=[0, 4, 6, 4, 0, 0, 0])
-    else:
+    if format == "hf":
+        raw = json.loads((path / "config.json").read_text())
         raw["num_nextn_predict_layers"] = 1  # as the released transformers-style config says
-    (path / "config.json").write_text(json.dumps(raw))
-    extra = {
-        "mtp.0.main_proj.weight": torch.zeros(64, 192), "mtp.0.main_norm.weight": torch.ones(64),
-        "mtp.1.attn.wq_a.weight": torch.zeros(32, 64), "mtp.2.markov_head.markov_w1.weight": torch.zeros(256, 8),
-        "mtp.2.confidence_head.proj.weight": torch.zeros(1, 72), "mtp.2.hc_head_fn": torch.zeros(4, 256),
-    }  # fmt: skip
-    save_file(extra, str(path / "dspark.safetensors"))
+        (path / "config.json").write_text(json.dumps(raw))
     return model
 
 
 @pytest.mark.parametrize("format", ["official", "hf"])
-def test_a_dspark_checkpoint_loads_its_backbone_with_one_warning(tmp_path, format):
-    backbone = _dspark_checkpoint(tmp_path / "ckpt", format)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+def test_a_dspark_checkpoint_loads_the_whole_drafter_without_a_warning(tmp_path, format):
+    saved = _dspark_checkpoint(tmp_path / "ckpt", format)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         model = v4lens.load(tmp_path / "ckpt")
-    messages = [str(w.message) for w in caught if "DSpark" in str(w.message)]
-    assert len(messages) == 1 and "not implemented" in messages[0] and "mtp.*" in messages[0]
-    assert model.cfg.draft is None and len(model.mtp) == 0  # never three April MTP blocks
+    assert model.cfg.draft == "dspark" and len(model.dspark.stages) == 3 and len(model.mtp) == 0  # never MTP blocks
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(model(tokens), backbone(tokens), rtol=0, atol=0)
+    (logits, draft), (want, want_draft) = model(tokens, draft=True), saved(tokens, draft=True)
+    torch.testing.assert_close(logits, want, rtol=0, atol=0)
+    assert torch.equal(draft.tokens, want_draft.tokens) and torch.equal(draft.confidences, want_draft.confidences)
 
 
 def test_a_dspark_checkpoint_still_refuses_foreign_tensors(tmp_path):
     _dspark_checkpoint(tmp_path / "ckpt", "official")
     save_file({"mtp.3.attn.wq_a.weight": torch.zeros(32, 64)}, str(tmp_path / "ckpt" / "more.safetensors"))
-    with pytest.warns(UserWarning, match="DSpark"), pytest.raises(ValueError, match=r"unexpected.*mtp\.3\.attn"):
+    with pytest.raises(ValueError, match=r"unexpected.*mtp\.3\.attn"):
         v4lens.load(tmp_path / "ckpt")
 
 
@@ -293,13 +282,14 @@ def test_a_dspark_config_never_builds_mtp_blocks():
     assert len(model.mtp) == 0 and model.cfg.draft == "dspark" and len(model.dspark.stages) == 3
 
 
-def test_slicing_a_dspark_checkpoint_keeps_the_backbone_only(tmp_path):
-    """The DSpark stages are never cut as if they were an April MTP block: the output is the backbone."""
-    backbone = _dspark_checkpoint(tmp_path / "ckpt", "official")
-    target = backbone.cfg.replace(name="same")  # slicing to the source's own backbone config
-    with pytest.warns(UserWarning, match="DSpark"):
+def test_slicing_a_dspark_checkpoint_keeps_the_drafter(tmp_path):
+    """The DSpark stages are cut as DSpark stages, never as if they were an April MTP block."""
+    saved = _dspark_checkpoint(tmp_path / "ckpt", "official")
+    target = saved.cfg.replace(name="same")  # slicing to the source's own config
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         v4lens.slice_checkpoint(tmp_path / "ckpt", target, tmp_path / "out", dtype="fp32", progress=False)
     model = v4lens.load(tmp_path / "out")
-    assert len(model.mtp) == 0 and model.cfg.draft is None
+    assert len(model.mtp) == 0 and model.cfg.draft == "dspark" and len(model.dspark.stages) == 3
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(model(tokens), backbone(tokens), rtol=0, atol=0)
+    torch.testing.assert_close(model(tokens, draft=True)[1].logits, saved(tokens, draft=True)[1].logits, rtol=0, atol=0)

@@ -111,9 +111,43 @@ PRESETS = {"tiny": _tiny, "tiny-dspark": _tiny_dspark, "tiny-recall": _tiny_reca
            "flash": _flash, "flash-0731": _flash_0731, "pro": _pro, "pro-0813": _pro_0813}  # fmt: skip
 
 
-def preset(name: str, **overrides) -> V4Config:
+DRAFTS = ("preset", "mtp", "dspark", None)
+# the release (or scaffold) that has the other draft module on the same backbone: its drafter is the one chosen
+_SIBLING = {"tiny": "tiny-dspark", "tiny-dspark": "tiny", "flash": "flash-0731", "flash-0731": "flash",
+            "pro": "pro-0813", "pro-0813": "pro"}  # fmt: skip
+
+
+def preset(name: str, *, draft: str | None = "preset", **overrides) -> V4Config:
     """A preset config by name (`tiny`, `tiny-dspark`, `tiny-recall`, `mini-3b`, `flash`, and config only
-    `flash-0731`, `pro`, `pro-0813`), with field overrides."""
+    `flash-0731`, `pro`, `pro-0813`), with field overrides.
+
+    draft: the draft module on the preset's backbone: "preset" (its own), "mtp" (one April MTP block,
+    compress ratio 0), "dspark" (three DSpark stages of ratio 0 tapping the last three backbone layers, blocks
+    of 5 with noise token 128799, Markov rank 256, as V4-Flash-0731) or None (no draft module). Where a
+    sibling preset has that draft module on the same backbone (tiny / tiny-dspark, flash / flash-0731, pro /
+    pro-0813), its drafter is used (tiny: Markov rank 8). Overrides of the draft fields (n_mtp_layers,
+    dspark_*, compress_ratios) win."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return PRESETS[name](**overrides)
+    if draft not in DRAFTS:
+        raise ValueError(f"draft must be one of {DRAFTS} ('preset': the preset's own draft module), got {draft!r}")
+    own = PRESETS[name]()
+    if draft == "preset" or draft == own.draft:
+        return PRESETS[name](**overrides)
+    n_layers = overrides.get("n_layers", own.n_layers)
+    backbone = tuple(own.compress_ratios[:n_layers])
+    sibling = PRESETS[_SIBLING[name]]() if name in _SIBLING else None
+    model = sibling if sibling is not None and sibling.draft == draft else None
+    if draft is None:
+        fields = {"n_mtp_layers": 0, "dspark_block_size": 0, "dspark_target_layer_ids": ()}
+    elif draft == "mtp":
+        fields = {"n_mtp_layers": 1, "dspark_block_size": 0, "dspark_target_layer_ids": ()}
+    else:  # DSpark taps the last backbone layers (the releases: [40, 41, 42] of 43, [58, 59, 60] of 61)
+        source = _DSPARK | {"dspark_markov_rank": 256} if model is None else vars(model)
+        fields = {k: source[k] for k in ("n_mtp_layers", "dspark_block_size", "dspark_noise_token_id",
+                                         "dspark_markov_rank")}  # fmt: skip
+        taps = len(model.dspark_target_layer_ids) if model is not None else 3
+        fields["dspark_target_layer_ids"] = tuple(range(max(0, n_layers - taps), n_layers))
+    stages = [model.compress_ratio(model.n_layers + j) for j in range(model.n_mtp_layers)] if model else []
+    fields["compress_ratios"] = backbone + tuple(stages or [0] * fields["n_mtp_layers"])
+    return PRESETS[name](**{**fields, **overrides})

@@ -8,6 +8,7 @@ files is an error unless the index says which), and FP8 / FP4 scales must be fin
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 from pathlib import Path
@@ -23,6 +24,9 @@ from .safetensors_io import DTYPES, read_header, read_into
 INDEX = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 << 20  # V4-Flash's index is a few MB (one entry per expert matrix and scale)
 _QUANTISED = ("F8_E4M3", "I8", "U8")  # stored weight dtypes that come with a scale tensor
+# tensors only one kind of draft module has (both live under mtp.*; transformers' layout keeps these names)
+_APRIL_MTP = re.compile(r"^(model\.)?mtp\.\d+\.(e_proj|h_proj|enorm|hnorm)\.")
+_DSPARK = re.compile(r"^(model\.)?mtp\.\d+\.(main_proj|main_norm|markov_head|confidence_head)\.")
 
 
 def detect_format(path: Path) -> str:
@@ -225,11 +229,13 @@ class Checkpoint:
                 self._fds[file] = os.open(file, os.O_RDONLY)
             return self._fds[file]
 
-    def canonical_keys(self) -> dict[tuple[str, int | None], str]:
-        """(v4lens name, expert index or None) -> stored key, for every tensor v4lens uses."""
+    def canonical_keys(self, dspark_stages: int = 0) -> dict[tuple[str, int | None], str]:
+        """(v4lens name, expert index or None) -> stored key, for every tensor v4lens uses.
+
+        dspark_stages: the config's stage count if it is a DSpark config (see `names.canonical_name`)."""
         out = {}
         for key in self.keys:
-            name, expert = canonical_name(key, with_expert=True)
+            name, expert = canonical_name(key, with_expert=True, dspark_stages=dspark_stages)
             if name is not None:
                 out[(name, expert)] = key
         return out
@@ -244,7 +250,28 @@ class Checkpoint:
             raise (TypeError if isinstance(e, TypeError) else ValueError)(f"{self.path / 'config.json'}: {e}") from e
 
     def has_mtp(self) -> bool:
+        """Whether the checkpoint holds draft-module tensors (`mtp.*`: April MTP blocks or DSpark stages)."""
         return any(name.startswith("mtp.") for name, _ in self.canonical_keys())
+
+    def check_draft(self, cfg: V4Config) -> None:
+        """Refuse a config whose draft module is not the one the checkpoint's `mtp.*` tensors belong to
+        (an April MTP checkpoint with a 0731 / 0813 DSpark config, or the other way round)."""
+        april = [k for k in self.keys if _APRIL_MTP.search(k)]
+        dspark = [k for k in self.keys if _DSPARK.search(k)]
+        where = f"{self.path / 'config.json'}"
+        if cfg.draft == "dspark" and april:
+            raise ValueError(
+                f"{where}: the config describes a DSpark drafter (0731 / 0813 release: dspark_* keys, "
+                f"{cfg.n_mtp_layers} stages) but the checkpoint holds April MTP tensors ({', '.join(april[:3])} ...); "
+                "use the config that came with these weights"
+            )
+        if cfg.draft != "dspark" and dspark:
+            has = "April MTP blocks" if cfg.draft == "mtp" else "no draft module"
+            raise ValueError(
+                f"{where}: the config describes {has} (no dspark_* keys) but the checkpoint holds the DSpark drafter "
+                f"tensors of a 0731 / 0813 release ({', '.join(dspark[:3])} ...); use the config that came with these "
+                "weights (it has the dspark_* keys)"
+            )
 
     def close(self) -> None:
         for fd in self._fds.values():

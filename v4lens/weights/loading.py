@@ -20,7 +20,7 @@ from ..model.presets import PRESETS
 from ..model.presets import preset as preset_config
 from .checkpoint import Checkpoint, detect_format, safetensors_files  # noqa: F401  (re-exported)
 from .memory import ModelTooLargeError, check_memory, model_bytes  # noqa: F401  (re-exported)
-from .names import canonical_name
+from .names import canonical_name, official_name
 
 # ---------------------------------------------------------------------- shipped checkpoints
 # Trained checkpoints inside the package (package data in v4lens/data/), checked before the
@@ -38,7 +38,7 @@ def shipped_checkpoint(name: str) -> Path | None:
 # ---------------------------------------------------------------------- public entry point
 def load(
     name_or_path: str | Path | None = None, device=None, dtype=None, seed: int = 0, *,
-    preset: str | None = None, max_memory: int | str | None = None, **overrides,
+    preset: str | None = None, max_memory: int | str | None = None, draft: str | None = "preset", **overrides,
 ) -> HookedV4:  # fmt: skip
     """A model in eval mode.
 
@@ -53,17 +53,26 @@ def load(
     max_memory: the most bytes the model may take (an int, or a string like "20GB"); default: the
         device's free memory. A model that does not fit is refused (ModelTooLargeError, a
         MemoryError and ValueError) before anything is allocated.
+    draft: a preset's draft module: "preset" (default: the preset's own), "mtp" (one April MTP block),
+        "dspark" (the DSpark drafter of V4-Flash-0731: 3 stages tapping the last three backbone layers, blocks
+        of 5, noise token 128799, Markov rank 256; `tiny` takes tiny-dspark's) or None (none), e.g.
+        `load("mini-3b", draft="dspark")`; see `v4lens.model.presets.preset`. A checkpoint decides its own
+        draft module: any other value with a checkpoint is an error.
     overrides: V4Config fields for a preset (e.g. `use_attn_result=True`).
     """
     check_seed(seed, "load")
     name = _model_name(name_or_path, preset)
+    is_preset = name is not None and name in PRESETS and shipped_checkpoint(name) is None
+    if draft != "preset" and not is_preset:
+        raise ValueError(f"draft={draft!r} chooses a preset's draft module; {name or str(name_or_path)!r} is a "
+                         "checkpoint, whose tensors decide its draft module (leave draft= out)")  # fmt: skip
     if name is not None and shipped_checkpoint(name) is not None:  # trained weights shipped in the package
         path = shipped_checkpoint(name)
         model = load_checkpoint(path, device=device, dtype=dtype, max_memory=max_memory, **overrides)
     elif name is not None and name in PRESETS:
         if name in SHIPPED:
             warnings.warn(f"no trained {name} checkpoint is shipped in this install: random-init weights")
-        cfg = preset_config(name, dtype=resolve_dtype(dtype), device=device, **overrides)  # DSpark included
+        cfg = preset_config(name, draft=draft, dtype=resolve_dtype(dtype), device=device, **overrides)
         model = build_empty(cfg, device, max_memory)
         init_weights(model, seed)
     elif name is None and Path(name_or_path).is_dir():
@@ -170,34 +179,27 @@ def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, **over
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
     with Checkpoint(path) as ckpt:
         cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
-        skip = None
-        if cfg.draft == "dspark":  # the DSpark stages' tensors are mtp.{s}.*, s < n_mtp_layers: only those are skipped
-            skip = re.compile(rf"^mtp\.({'|'.join(map(str, range(cfg.n_mtp_layers)))})\.")
-            cfg = _backbone_if_dspark(cfg, path)
-        elif cfg.n_mtp_layers and not ckpt.has_mtp():
-            warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without MTP")
-            cfg = cfg.without_mtp()
+        ckpt.check_draft(cfg)  # April MTP tensors with a DSpark config, or the other way round: before allocating
+        if cfg.n_mtp_layers and not ckpt.has_mtp():
+            kind = "its DSpark drafter" if cfg.draft == "dspark" else "MTP"
+            warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without {kind}")
+            cfg = cfg.without_draft()
         model = build_empty(cfg, device, max_memory)
-        load_tensors(model, ckpt, skip)
+        load_tensors(model, ckpt)
     return model
 
 
-def _backbone_if_dspark(cfg: V4Config, source) -> V4Config:
-    """A checkpoint's DSpark config -> its backbone, with one warning (reading the DSpark tensors is not
-    implemented yet; presets and scaffolds build the whole DSpark model)."""
-    if cfg.draft != "dspark":
-        return cfg
-    warnings.warn(
-        f"{source}: loading the DSpark drafter ({cfg.n_mtp_layers} stages, mtp.* tensors) from a checkpoint is not "
-        "implemented yet in v4lens: building the backbone only and skipping the DSpark mtp.* tensors"
-    )
-    return cfg.without_draft()
+def _stored_name(name: str, dspark_stages: int) -> str:
+    """The official (and transformers-layout) name of a DSpark tensor; `{e}` for each expert of a stacked one."""
+    return official_name(name, dspark_stages=dspark_stages).replace(".experts.w", ".experts.{e}.w")
 
 
-def load_tensors(model: HookedV4, ckpt: Checkpoint, skip: re.Pattern | None = None) -> None:
+def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
     """Copy every checkpoint tensor into its v4lens parameter; error on missing, extra or mis-shaped ones.
 
-    skip: stored names to leave out on purpose (a DSpark checkpoint's stages while DSpark is not implemented)."""
+    The `mtp.*` tensors are read as the model's draft module: April MTP blocks, or DSpark stages and heads."""
+    cfg = model.cfg
+    stages = cfg.n_mtp_layers if cfg.draft == "dspark" else 0
     targets = dict(model.named_parameters())
     targets.update(model.named_buffers())
     filled: set[str] = set()
@@ -205,9 +207,7 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint, skip: re.Pattern | None = No
     unexpected = []
     reads: list[tuple[str, torch.Tensor]] = []  # everything is matched and checked before any data is read
     for key in ckpt.keys:
-        if skip is not None and skip.search(key):
-            continue
-        target_name, expert = canonical_name(key, with_expert=True)
+        target_name, expert = canonical_name(key, with_expert=True, dspark_stages=stages)
         if target_name is None:
             continue  # tensors v4lens deliberately ignores (e.g. mtp.*.embed)
         if target_name not in targets:
@@ -235,7 +235,10 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint, skip: re.Pattern | None = No
         parts = []
         if missing:
             partial = {n: sorted(set(range(targets[n].shape[0])) - expert_rows[n]) for n in missing if n in expert_rows}
-            parts.append(f"missing tensors for {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+            # a DSpark tensor's stored name depends on the config (the heads sit on the last stage): give it too
+            shown = [f"{n} ({_stored_name(n, stages)})" if n.startswith("dspark.") and n not in partial else n
+                     for n in missing[:20]]  # fmt: skip
+            parts.append(f"missing tensors for {shown}{' ...' if len(missing) > 20 else ''}")
             if partial:
                 parts.append(f"missing experts {partial}")
         if unexpected:

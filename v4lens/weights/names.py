@@ -7,6 +7,16 @@
   writes (the official names with a `model.` prefix and four renames, see `hf_saved_name`).
 
 `canonical_name` maps any of them to v4lens; `official_name` and `hf_saved_name` go back.
+
+April's MTP blocks and the DSpark drafter of the 0731 / 0813 releases both live under `mtp.{s}.*`,
+so what such a name means depends on the config: give `dspark_stages` (the config's n_mtp_layers
+when `cfg.draft == "dspark"`, else 0). For DSpark, stage s is an ordinary block under `mtp.{s}.`
+(its official block names -> `dspark.stages.{s}.*`), plus `mtp.0.main_proj.weight` -> `dspark.main_proj`,
+`mtp.0.main_norm.weight` -> `dspark.main_norm.w` and, on the last stage L, `mtp.L.norm.weight` ->
+`dspark.ln_final.w`, `mtp.L.hc_head_{fn,base,scale}` -> `dspark.hc_head.*`,
+`mtp.L.markov_head.markov_w{1,2}.weight` -> `dspark.markov_w{1,2}` and
+`mtp.L.confidence_head.proj.weight` -> `dspark.confidence_proj`. Without `dspark_stages`,
+`mtp.0.norm.weight` is an April MTP block's `mtp.0.ln_final.w`.
 """
 
 from __future__ import annotations
@@ -63,18 +73,50 @@ _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(w[123])$")
 _IGNORED = re.compile(r"^mtp\.\d+\.(emb|embed|head)\.")
 
 
-def canonical_name(name: str, with_expert: bool = False):
+# DSpark tensors outside its stages' blocks: (stage, official name after "mtp.{stage}.") <-> v4lens name;
+# stage "last" is the config's last stage (2 in the releases).
+_DSPARK_HEADS = [
+    (0, "main_proj.weight", "dspark.main_proj"),
+    (0, "main_norm.weight", "dspark.main_norm.w"),
+    ("last", "norm.weight", "dspark.ln_final.w"),
+    ("last", "hc_head_fn", "dspark.hc_head.fn"),
+    ("last", "hc_head_base", "dspark.hc_head.base"),
+    ("last", "hc_head_scale", "dspark.hc_head.scale"),
+    ("last", "markov_head.markov_w1.weight", "dspark.markov_w1"),
+    ("last", "markov_head.markov_w2.weight", "dspark.markov_w2"),
+    ("last", "confidence_head.proj.weight", "dspark.confidence_proj"),
+]
+
+
+def _check_stages(dspark_stages) -> None:
+    if isinstance(dspark_stages, bool) or not isinstance(dspark_stages, int) or dspark_stages < 0:
+        raise ValueError(
+            f"dspark_stages must be the DSpark stage count (an int >= 0; 0: not DSpark), got {dspark_stages!r}"
+        )
+
+
+def canonical_name(name: str, with_expert: bool = False, dspark_stages: int = 0):
     """Any known checkpoint name -> the v4lens parameter name (and the expert index for per-expert tensors).
 
-    Returns None (or (None, None)) for tensors v4lens ignores on purpose.
+    dspark_stages: the DSpark stage count of the checkpoint's config (0, the default: `mtp.*` are April
+    MTP blocks). Returns None (or (None, None)) for tensors v4lens ignores on purpose.
     """
+    _check_stages(dspark_stages)
     n = re.sub(r"^model\.", "", name)
     for pattern, repl in _HF_TO_OFFICIAL:
         n = re.sub(pattern, repl, n)
     if _IGNORED.search(n):
         return (None, None) if with_expert else None
+    stage = re.match(r"^mtp\.(\d+)\.(.*)$", n) if dspark_stages else None
+    if stage:
+        s, rest = int(stage.group(1)), stage.group(2)
+        heads = {(dspark_stages - 1 if i == "last" else i, o): v for i, o, v in _DSPARK_HEADS}
+        # a stage's block tensors: named as layer s, then moved under dspark.stages.s
+        n = heads.get((s, rest)) or f"layers.{s}.{rest}"
     for pattern, repl in _OFFICIAL_TO_V4LENS:
         n = re.sub(pattern, repl, n)
+    if stage and n.startswith("blocks."):
+        n = "dspark.stages." + n.removeprefix("blocks.")
     expert = None
     match = _EXPERT.search(n)
     if match:
@@ -98,8 +140,24 @@ _V4LENS_TO_OFFICIAL = [
 ]
 
 
-def official_name(name: str, expert: int | None = None) -> str:
-    """v4lens name (and expert index for the stacked expert tensors) -> DeepSeek's official name."""
+def official_name(name: str, expert: int | None = None, dspark_stages: int = 0) -> str:
+    """v4lens name (and expert index for the stacked expert tensors) -> DeepSeek's official name.
+
+    dspark_stages: the model's DSpark stage count, needed for the `dspark.*` names (the heads sit on the
+    last stage)."""
+    _check_stages(dspark_stages)
+    if name.startswith("dspark."):
+        if not dspark_stages:
+            raise ValueError(f"official_name({name!r}): a DSpark tensor's official name depends on the stage count; "
+                             "give dspark_stages=cfg.n_mtp_layers")  # fmt: skip
+        for i, official, ours in _DSPARK_HEADS:
+            if name == ours:
+                return f"mtp.{dspark_stages - 1 if i == 'last' else i}.{official}"
+        stage = re.match(r"^dspark\.stages\.(\d+)\.(.*)$", name)
+        if stage is None:
+            raise ValueError(f"official_name({name!r}): not a tensor of the DSpark drafter")
+        # a stage is named as an ordinary layer, then moved under mtp.{s}
+        return "mtp." + official_name(f"blocks.{stage.group(1)}.{stage.group(2)}", expert).removeprefix("layers.")
     for pattern, repl in _V4LENS_TO_OFFICIAL:
         name = re.sub(pattern, repl, name)
     if expert is not None:
@@ -112,7 +170,7 @@ def hf_saved_name(official: str) -> str:
 
     The official name with a `model.` prefix, except: the embedding is `embed_tokens`, the head
     stays unprefixed, hc_head's tensors sit in a module, and the attention's kv_norm is `norm`.
-    MTP tensors (which transformers ignores) keep their official names.
+    MTP and DSpark tensors (`mtp.*`, which transformers ignores) keep their official names.
     """
     if official.startswith("mtp.") or official == "head.weight":
         return official

@@ -35,8 +35,8 @@ def save_pretrained(
     """Write `model` (a HookedV4) to the directory `path`; returns the path.
 
     format: "hf" (transformers' `save_pretrained` layout and config.json, loadable by
-    `AutoModelForCausalLM.from_pretrained`; the MTP block under `mtp.{i}.*`, which
-    transformers ignores) or "official" (DeepSeek's names and ModelArgs config.json).
+    `AutoModelForCausalLM.from_pretrained`; the MTP block or the DSpark drafter under their official
+    `mtp.{i}.*` names, which transformers ignores) or "official" (DeepSeek's names and ModelArgs config.json).
     max_shard_size: bytes or a string like "5GB"; larger checkpoints are sharded with an index.
     dtype: cast the matrices (not the fp32 islands) before writing: torch.float32 / torch.bfloat16 or
     "fp32" / "float32" / "bf16" / "bfloat16" (the dtypes v4lens loads back).
@@ -44,9 +44,6 @@ def save_pretrained(
     overwrite: write into a non-empty folder that v4lens did not write (its model*.safetensors, index,
     config.json and slice.json are replaced; other files are kept). Without it that is a FileExistsError.
     """
-    if model.cfg.draft == "dspark":  # its tensors have no checkpoint names yet: never write an unloadable folder
-        raise NotImplementedError(f"{model.cfg.name}: saving a DSpark model is not implemented yet; save the backbone "
-                                  "(a model built from cfg.without_draft()) instead")  # fmt: skip
     dtype = _save_dtype(dtype)
     shard_size_bytes(max_shard_size)  # a bad size fails before the state dict is cast
     islands = model._fp32_islands
@@ -82,18 +79,22 @@ def write_checkpoint(
     shard_bytes = shard_size_bytes(max_shard_size)
     with writing_checkpoint(path, overwrite, ours) as tmp:
         write_config(tmp, cfg, format)
-        write_safetensors(tmp, layout_tensors(state, format), shard_bytes, metadata, progress)
+        stages = cfg.n_mtp_layers if cfg.draft == "dspark" else 0  # DSpark's names depend on its stage count
+        write_safetensors(tmp, layout_tensors(state, format, stages), shard_bytes, metadata, progress)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return Path(path)
 
 
-def layout_tensors(state: dict[str, torch.Tensor], format: str) -> Iterable[tuple[str, torch.Tensor]]:
-    """v4lens names -> (name in `format`, tensor), one tensor per expert."""
+def layout_tensors(
+    state: dict[str, torch.Tensor], format: str, dspark_stages: int = 0
+) -> Iterable[tuple[str, torch.Tensor]]:  # fmt: skip
+    """v4lens names -> (name in `format`, tensor), one tensor per expert. dspark_stages: the model's DSpark
+    stage count (0: not DSpark), which places the drafter's heads on its last stage."""
     for name, t in state.items():
         rows = enumerate(t) if _STACKED_EXPERTS.search(name) else [(None, t)]
         for expert, value in rows:
-            key = official_name(name, expert)
+            key = official_name(name, expert, dspark_stages)
             if name.endswith("tid2eid"):  # official: int32; transformers writes its int64 buffer
                 value = value.to(torch.int32 if format == "official" else torch.int64)
             yield (hf_saved_name(key) if format == "hf" else key), value

@@ -15,6 +15,11 @@ TID2EID_RULE = (
     "surviving experts in row order; each dropped expert e -> kept expert e mod E_tgt "
     "(or the next one not in the row); then the lowest unused ids"
 )
+DSPARK_TAP_RULE = (
+    "each source tap layer l -> the target layer fed by the largest source layer <= l (l itself when kept; else "
+    "the layer whose output a dropped layer would have read); taps landing on one target layer are merged, "
+    "its main_proj column block the sum of theirs"
+)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -30,6 +35,7 @@ class SlicePlan:
     experts: dict[int, list[int]]  # target layer (MTP: n_layers + j) -> source experts
     rope_pairs: dict[int, torch.Tensor] = field(default_factory=dict)  # target layer -> source pair per target pair
     rope_error: dict[int, float] = field(default_factory=dict)  # target layer -> max rel. effective-frequency gap
+    taps: list[int] = field(default_factory=list)  # DSpark: the target layer of each source tap layer
 
     # -------------------------------------------------------------- per-axis indices
     def source_layer(self, t: int) -> int:
@@ -81,7 +87,16 @@ class SlicePlan:
             "nope_channels": "first (head_dim - rope_head_dim) of the target",
             "ape_rows": "round(linspace(0, m_src - 1, m_tgt))",
             "tid2eid": TID2EID_RULE,
-        }
+        } | (self._dspark_json() if self.tgt.draft == "dspark" else {})
+
+    def _dspark_json(self) -> dict:
+        return {"dspark": {
+            "stages": {str(s): s for s in range(self.tgt.n_mtp_layers)},
+            "taps": {str(src): tgt for src, tgt in zip(self.src.dspark_target_layer_ids, self.taps)},
+            "target_layer_ids": list(self.tgt.dspark_target_layer_ids),
+            "tap_rule": DSPARK_TAP_RULE,
+            "markov_rank": f"first {self.tgt.dspark_markov_rank}",
+        }}  # fmt: skip
 
 
 def _channels(src_nope: int, tgt_nope: int, pairs: torch.Tensor) -> torch.Tensor:
@@ -145,6 +160,8 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
     ):
         if t_all - t_rope > s_all - s_rope or t_rope > s_rope:
             too_big.append(f"{name} {t_all} (rope {t_rope}) does not fit {s_all} (rope {s_rope})")
+    if tgt.draft == "dspark" and tgt.dspark_markov_rank > src.dspark_markov_rank:
+        too_big.append(f"dspark_markov_rank {tgt.dspark_markov_rank} > {src.dspark_markov_rank}")
     if tgt.n_shared_experts != src.n_shared_experts:
         too_big.append(f"n_shared_experts {tgt.n_shared_experts} != {src.n_shared_experts}")
     if too_big:
@@ -153,6 +170,14 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
     layers = default_layers(src, tgt) if layers is None else _indices("layers", layers)
     if len(layers) != tgt.n_layers:
         raise ValueError(f"layers has {len(layers)} entries; the target has {tgt.n_layers} layers")
+    taps = []
+    if tgt.draft == "dspark":  # the drafter taps the target layers the source's taps map to
+        if src.draft != "dspark":
+            raise ValueError(
+                f"the target config has a DSpark drafter but the source ({src.name}) has none to cut it from"
+            )
+        taps = dspark_taps(src, layers)
+        tgt = tgt.replace(dspark_target_layer_ids=tuple(dict.fromkeys(taps)))  # distinct, in order
     for t in range(tgt.n_layers + tgt.n_mtp_layers):
         s = layers[t] if t < tgt.n_layers else src.n_layers + t - tgt.n_layers
         if not 0 <= s < src.n_layers + src.n_mtp_layers or not _compatible(src, s, tgt, t):
@@ -196,10 +221,22 @@ def make_plan(src: V4Config, tgt: V4Config, layers=None, hidden=None, heads=None
     for t, chosen in per_layer.items():
         _check_selection(f"experts of target layer {t}", chosen, tgt.n_routed_experts, src.n_routed_experts)
 
-    plan = SlicePlan(src, tgt, layers, hidden, heads, per_layer)
+    plan = SlicePlan(src, tgt, layers, hidden, heads, per_layer, taps=taps)
     for t in all_layers:
         plan.rope_pairs[t], plan.rope_error[t] = _match_rope(src, plan.source_layer(t), tgt, t)
     return plan
+
+
+def dspark_taps(src: V4Config, layers: list[int]) -> list[int]:
+    """The target layer of each of the source's DSpark tap layers (rule: DSPARK_TAP_RULE)."""
+    out = []
+    for tap in src.dspark_target_layer_ids:
+        before = [(s, t) for t, s in enumerate(layers) if s <= tap]
+        if not before:
+            raise ValueError(f"the source's DSpark drafter taps layer {tap}, but every target layer comes from a later "
+                             f"source layer (layers={layers}): no target layer can stand in for it")  # fmt: skip
+        out.append(max(before)[1])
+    return out
 
 
 def _describe(cfg: V4Config, layer: int) -> str:

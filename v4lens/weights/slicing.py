@@ -11,6 +11,19 @@ chosen along named axes. The rules, each with an override in `slice_checkpoint`:
   plus 1 for each sliding target fed by a compressed layer (`default_layers`; for mini-3b
   from Flash: 0, 1, 4, 5, 6, 7, 10, 11, ..., 39, 40, 42).
   The MTP block j comes from the source's MTP block j.
+- **DSpark** (a 0731 / 0813 source): DSpark stage s comes from the source's stage s, sliced like
+  any block (same hidden channels, heads, rope pairs, experts, ranks). The target's taps
+  (`dspark_target_layer_ids`) are the target layers the source's tap layers map to: a kept tap
+  layer maps to its target layer; a dropped one to the target layer fed by the largest kept
+  source layer below it (the layer whose output the dropped one would have read); taps that land
+  on one target layer are merged, its `main_proj` column block being the sum of theirs (what the
+  drafter computes when fed that layer twice). So mini-3b from Flash-0731 (layers ..., 39, 40, 42)
+  taps target layers 26, 27 (source 40 and 41 -> 26, 42 -> 27). `main_proj` keeps the hidden rows and,
+  per tap, the hidden columns; the Markov heads keep the vocabulary rows and the first r_tgt rank
+  columns, the confidence head the hidden columns then the first r_tgt rank columns. The target's
+  other DSpark fields (block size, noise token) are its own. A DSpark source sliced to an April
+  MTP target (or the other way round) is an error; a target given by preset name takes the
+  source's draft module (`preset(name, draft=...)`).
 - **hidden channels** (`hidden`, default the first D_tgt), applied everywhere D appears,
   including each mHC stream's slice of `fn`. **Vocabulary**: the first V_tgt rows.
   **mHC streams**: the first hc_tgt (pre, post and comb rows/columns of the kept streams).
@@ -85,20 +98,19 @@ def slice_checkpoint(
     shard_size_bytes(max_shard_size)
     with Checkpoint(src) as ckpt:
         src_cfg = ckpt.config()
-        if src_cfg.draft == "dspark":  # its stages are not April MTP blocks: never cut them as such
-            warnings.warn(f"{src} has a DSpark drafter, which v4lens does not slice yet: the output has the backbone")
+        ckpt.check_draft(src_cfg)  # April MTP tensors under a DSpark config (or the other way round): refused
+        if not ckpt.has_mtp():
             src_cfg = src_cfg.without_draft()
-        elif not ckpt.has_mtp():
-            src_cfg = src_cfg.without_mtp()
-        tgt_cfg = preset(target) if isinstance(target, str) else target
-        tgt_cfg = tgt_cfg.replace(dtype=resolve_dtype(dtype), device=None)
-        if tgt_cfg.n_mtp_layers > src_cfg.n_mtp_layers:
-            warnings.warn(f"{src} has {src_cfg.n_mtp_layers} MTP layers: the output has no more")
-            tgt_cfg = tgt_cfg.replace(n_mtp_layers=src_cfg.n_mtp_layers)
+        tgt_cfg = _target_config(target, src_cfg, src).replace(dtype=resolve_dtype(dtype), device=None)
         plan = make_plan(src_cfg, tgt_cfg, layers=layers, hidden=hidden, heads=heads, experts=experts)
+        if plan.tgt.dspark_target_layer_ids != tgt_cfg.dspark_target_layer_ids:
+            warnings.warn(f"the DSpark drafter taps target layers {list(plan.tgt.dspark_target_layer_ids)}, the layers "
+                          f"the source's taps {list(src_cfg.dspark_target_layer_ids)} map to (not the target config's "
+                          f"{list(tgt_cfg.dspark_target_layer_ids)}); see slice.json")  # fmt: skip
+        tgt_cfg = plan.tgt
         with torch.device("meta"):
             shapes = {n: (tuple(t.shape), t.dtype) for n, t in HookedV4(tgt_cfg).state_dict().items()}
-        keys = ckpt.canonical_keys()
+        keys = ckpt.canonical_keys(src_cfg.n_mtp_layers if src_cfg.draft == "dspark" else 0)
         state = {}
         for name in tqdm(list(shapes), desc="slicing", disable=not progress):
             shape, out_dtype = shapes[name]
@@ -114,7 +126,32 @@ def slice_checkpoint(
     return plan
 
 
-_LAYER = re.compile(r"^(blocks|mtp)\.(\d+)\.(.*)$")
+def _target_config(target: str | V4Config, src_cfg: V4Config, src) -> V4Config:
+    """The target config, with a draft module the source can give: a preset name takes the source's kind of
+    draft module; a draft module of the other kind is an error; more stages / blocks than the source has are cut."""
+    if isinstance(target, str):
+        return _fit_draft(preset(target, draft=src_cfg.draft) if src_cfg.draft else preset(target), src_cfg, src)
+    if target.draft and src_cfg.draft and target.draft != src_cfg.draft:
+        kinds = {"mtp": "April MTP blocks", "dspark": "a DSpark drafter (0731 / 0813)"}
+        raise ValueError(
+            f"the target config has {kinds[target.draft]} but the source {src} has {kinds[src_cfg.draft]}, which "
+            f"cannot be cut into it; give a target with the source's kind of draft module (e.g. "
+            f"preset(name, draft={src_cfg.draft!r})) or none (cfg.without_draft())"
+        )
+    return _fit_draft(target, src_cfg, src)
+
+
+def _fit_draft(tgt: V4Config, src_cfg: V4Config, src) -> V4Config:
+    n = src_cfg.n_mtp_layers
+    if tgt.n_mtp_layers <= n:
+        return tgt
+    warnings.warn(f"{src} has {n} {'DSpark stages' if tgt.draft == 'dspark' else 'MTP layers'}: the output has no more")
+    if n == 0:
+        return tgt.without_draft()
+    return tgt.replace(n_mtp_layers=n, compress_ratios=tgt.compress_ratios[: tgt.n_layers + n])
+
+
+_LAYER = re.compile(r"^(blocks|mtp|dspark\.stages)\.(\d+)\.(.*)$")
 
 
 def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> torch.Tensor:
@@ -122,12 +159,14 @@ def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> t
     tgt = plan.tgt
     D, V = plan.hidden, torch.arange(tgt.d_vocab)
     match = _LAYER.match(name)
+    if match is None and name.startswith("dspark."):  # the drafter's own tensors (its stages are blocks)
+        return _slice_dspark(plan, name, keys, ckpt, D, V)
     if match is None:  # embed, head, ln_final, hc_head
         return _read_cut(ckpt, keys, name, _global_axes(plan, name, D, V))
     kind, idx, rest = match.group(1), int(match.group(2)), match.group(3)
-    t = idx if kind == "blocks" else tgt.n_layers + idx
+    t = idx if kind == "blocks" else tgt.n_layers + idx  # MTP block / DSpark stage j: layer n_layers + j
     s = plan.source_layer(t)
-    src_name = f"blocks.{s}.{rest}" if kind == "blocks" else f"mtp.{idx}.{rest}"
+    src_name = f"blocks.{s}.{rest}" if kind == "blocks" else f"{kind}.{idx}.{rest}"
     if rest in ("e_proj", "h_proj"):
         return _read_cut(ckpt, keys, src_name, (D, D))
     if rest in ("enorm.w", "hnorm.w", "ln_final.w") or rest.startswith("hc_head."):
@@ -143,10 +182,25 @@ def _slice_tensor(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint) -> t
     return _read_cut(ckpt, keys, src_name, _block_axes(plan, t, rest, D))
 
 
+def _slice_dspark(plan: SlicePlan, name: str, keys: dict, ckpt: Checkpoint, D, V) -> torch.Tensor:
+    """A DSpark tensor outside its stages (same v4lens name in source and target)."""
+    src, tgt = plan.src, plan.tgt
+    rank = torch.arange(tgt.dspark_markov_rank)
+    if name == "dspark.main_proj":  # [D, T·D]: per target tap, the hidden columns of its source taps, summed (fp32)
+        blocks = [[i for i, t in enumerate(plan.taps) if t == layer] for layer in tgt.dspark_target_layer_ids]
+        return torch.cat([sum(_read_cut(ckpt, keys, name, (D, i * src.d_model + D)).float() for i in taps)
+                          for taps in blocks], dim=1)  # fmt: skip
+    if name in ("dspark.markov_w1", "dspark.markov_w2"):  # [V, r]
+        return _read_cut(ckpt, keys, name, (V, rank))
+    if name == "dspark.confidence_proj":  # [1, D + r]: w_c · [h ; e]
+        return _read_cut(ckpt, keys, name, (None, torch.cat([D, src.d_model + rank])))
+    return _read_cut(ckpt, keys, name, _global_axes(plan, name.removeprefix("dspark."), D, V))  # norms, hc_head
+
+
 def _global_axes(plan: SlicePlan, name: str, D, V):
     if name in ("embed.weight", "head.weight"):
         return (V, D)
-    if name.endswith(("ln_final.w", "enorm.w", "hnorm.w")):
+    if name.endswith(("ln_final.w", "enorm.w", "hnorm.w", "main_norm.w")):
         return (D,)
     streams = torch.arange(plan.tgt.hc_mult)
     return {"hc_head.fn": (streams, plan.stream_hidden()), "hc_head.base": (streams,), "hc_head.scale": (None,)}[name]
