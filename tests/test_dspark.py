@@ -8,7 +8,6 @@ import torch
 from conftest import perturb
 
 import v4lens
-from v4lens.model.kv_cache import V4KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -210,8 +209,6 @@ def test_anchor_and_bad_draft_arguments(model):
     assert not torch.equal(d.logits, d2.logits)
     with pytest.raises(ValueError, match="draft=True"):
         model(tokens, mtp=True)
-    with pytest.raises(NotImplementedError, match="past_kv_cache"):
-        model(tokens, draft=True, past_kv_cache=V4KVCache())
     with pytest.raises(ValueError, match="draft_anchor"):
         model(tokens, draft=True, draft_anchor=256)
     with pytest.raises(ValueError, match="draft_anchor"):
@@ -229,12 +226,6 @@ def test_dspark_parameters_get_their_init():
     for p in (ds.main_proj, ds.markov_w1, ds.markov_w2, ds.confidence_proj):
         assert 0 < p.std() < 0.1
     assert len(m.mtp) == 0 and m.cfg.draft == "dspark"
-
-
-def test_saving_a_dspark_model_is_refused_not_half_done(model, tmp_path):
-    with pytest.raises(NotImplementedError, match="DSpark"):
-        model.save_pretrained(tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_the_drafter_holds_the_parameters_the_config_counts(model):

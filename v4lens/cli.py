@@ -124,14 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text from a prompt, streaming tokens",
                               description="Load a model and continue a prompt with the decoding cache, printing "
                               "tokens as they come; greedy unless --temperature > 0; --speculative verifies the "
-                              "MTP head's drafts (same output as greedy, fewer forwards).")  # fmt: skip
+                              "draft module's guesses (MTP: greedy only; DSpark: greedy or sampled), the same "
+                              "output distribution as plain decoding in fewer forwards.")  # fmt: skip
     _model_and_prompt_args(gen, positional=True)
     gen.add_argument("--max-new-tokens", type=_bounded_int(0), default=32)
     gen.add_argument("--temperature", type=_temperature, default=0.0)
     gen.add_argument("--top-k", type=_bounded_int(1), default=None)
     gen.add_argument("--top-p", type=_top_p, default=None)
     gen.add_argument("--sample-seed", type=_bounded_int(0, 2**64), default=None, help="seed of the sampler")
-    gen.add_argument("--speculative", action="store_true", help="speculative decoding with the MTP head (greedy only)")
+    gen.add_argument("--speculative", action="store_true", help="speculative decoding with the MTP head (greedy) or the DSpark drafter")
     gen.set_defaults(run=_generate)
 
     viz = commands.add_parser("viz", help="export router, Sinkhorn, indexer and attention figures",
@@ -212,6 +213,8 @@ def _generate(args) -> int:
     seconds = time.perf_counter() - start
     n = out.new_tokens.shape[1]
     extra = f", MTP drafts kept {out.mtp_acceptance:.0%}" if out.mtp_acceptance is not None else ""
+    if out.draft_acceptance is not None:
+        extra = f", DSpark drafts kept {out.draft_acceptance:.0%} over {len(out.rounds)} rounds"
     print()
     print(f"[{n} tokens in {seconds:.1f} s, {out.forwards} forwards{extra}]", file=sys.stderr)
     return 0

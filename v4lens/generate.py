@@ -1,5 +1,5 @@
 """Text generation with hooks: greedy or sampled, incremental (`V4KVCache`) or full forwards,
-optionally speculative with the MTP head.
+optionally speculative with the MTP head or the DSpark drafter (v4lens.speculative).
 
 Hooks are active at every step, so a hook that edits activations changes what is generated.
 By default each step runs only the new token against the decoding cache (the same logits as a
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .model.kv_cache import V4KVCache
+from .speculative import _Picker, speculate_dspark, speculate_mtp, token_probs
 
 
 @dataclass
@@ -30,6 +31,9 @@ class Generation:
     of the token after the next one (-1 where no such step followed), and mtp_acceptance: the
     fraction of drafts the model then generated itself (with speculative decoding: the fraction
     of verified drafts kept); forwards: how many model forwards the generation took.
+    With DSpark speculative decoding: rounds, one `DraftRound` per round (drafts, confidences,
+    how many were verified and kept), and draft_acceptance, the fraction of verified drafts the
+    acceptance rule kept (per live row; `v4lens.analysis.drafts` reads both).
     """
 
     tokens: torch.Tensor
@@ -39,6 +43,8 @@ class Generation:
     mtp_drafts: torch.Tensor | None = None
     mtp_acceptance: float | None = None
     forwards: int = 0
+    rounds: list = field(default_factory=list)
+    draft_acceptance: float | None = None
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -48,16 +54,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
+    probs = token_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -68,6 +65,7 @@ def generate(
     eos_token_id: int | None = None, fwd_hooks: Sequence = (), cache_steps: bool = False,
     names_filter=None, mtp: bool = False, stream: Callable[[torch.Tensor], None] | None = None,
     chat: bool = False, thinking: bool = False, use_cache: bool = True, speculative: bool = False,
+    draft_threshold: float | None = None,
 ) -> Generation:  # fmt: skip
     """Generate up to `max_new_tokens` tokens after `input`.
 
@@ -92,7 +90,13 @@ def generate(
     forward); the output equals plain greedy decoding (exactly in fp32; in bf16 a two-token
     forward rounds differently from one-token steps, as the cache itself rounds differently
     from full forwards, so near-tied argmaxes can flip). Hooks then see the verification
-    forwards (a rejected draft's position included).
+    forwards (a rejected draft's position included). On a DSpark model (0731 / 0813 configs)
+    speculative=True drafts dspark_block_size tokens per round from the cache's context ring and
+    verifies them in one forward: greedy (the tokens of plain greedy decoding) or sampled with
+    temperature / top_k / top_p and `seed` (lossless speculative sampling: the main model's
+    distribution); per-round statistics in `Generation.rounds` (v4lens.speculative).
+    draft_threshold: DSpark only; verify drafts while their predicted survival Π σ(c_j) (the
+    confidence head) stays >= this value in (0, 1]; None verifies all of them.
     stream: called with the new token ids [b] after every token.
 
     Example::
@@ -118,16 +122,23 @@ def generate(
                     f"the prompts tokenize to different lengths {sorted(lengths)}: generate them one at a time "
                     "(V4 has no padding mask, so a batch must share its length)"
                 )
-    if (mtp or speculative) and not len(model.mtp):
-        raise ValueError("mtp=True / speculative=True need a model with an MTP block (cfg.n_mtp_layers > 0)")
-    if speculative and (temperature > 0 or cache_steps or not use_cache):
-        raise ValueError("speculative=True is greedy decoding with the KV cache: no temperature, cache_steps or use_cache=False")
+    dspark = speculative and model.cfg.draft == "dspark"
+    if mtp and not len(model.mtp):
+        raise ValueError("mtp=True needs a model with an MTP block (cfg.n_mtp_layers > 0 on an April config)")
+    if speculative and not (len(model.mtp) or dspark):
+        raise ValueError("speculative=True needs a draft module: an MTP block or a DSpark drafter")
+    if speculative and (cache_steps or not use_cache or (temperature > 0 and not dspark)):
+        raise ValueError("speculative=True decodes with the KV cache (no cache_steps or use_cache=False); with the MTP "
+                         "head it is greedy only (no temperature)")  # fmt: skip
+    _check_threshold(draft_threshold, dspark)
     run = _Run(model, tokens, max_new_tokens, stop_at_eos, eos_token_id, stream)
     generator = _generator(seed, tokens.device) if seed is not None else None
     kv = V4KVCache() if use_cache else None
     with model.hooks(fwd_hooks=list(fwd_hooks)):
-        if speculative:
-            _speculate(model, run, kv)
+        if dspark:
+            speculate_dspark(model, run, kv, _Picker(temperature, top_k, top_p, generator), draft_threshold)
+        elif speculative:
+            speculate_mtp(model, run, kv)
         else:
             feed = tokens
             while not run.finished:
@@ -167,6 +178,15 @@ def check_sampling(temperature, top_k, top_p) -> None:
             raise TypeError(f"top_p must be a number in (0, 1] or None, got {type(top_p).__name__} {top_p!r}")
         if not 0 < top_p <= 1:  # also refuses NaN
             raise ValueError(f"top_p must lie in (0, 1] (1 or None = no nucleus cut), got {top_p}")
+
+
+def _check_threshold(threshold, dspark: bool) -> None:
+    if threshold is None:
+        return
+    if not dspark:
+        raise ValueError("draft_threshold is for speculative=True on a DSpark model (its confidence head)")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 < threshold <= 1:
+        raise ValueError(f"draft_threshold must be a number in (0, 1] (a predicted survival), got {threshold!r}")
 
 
 def _count(name: str, value, what: str = "an int >= 0") -> int:
@@ -243,7 +263,7 @@ class _Run:
         self.eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
         self.pad = model.cfg.pad_token_id
         self.done = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-        self.new, self.caches, self.drafts = [], [], []
+        self.new, self.caches, self.drafts, self.rounds = [], [], [], []
         self.forwards, self.verified, self.accepted = 0, 0, 0
 
     @property
@@ -266,7 +286,10 @@ class _Run:
         result = Generation(tokens=self.tokens, new_tokens=new_tokens, caches=self.caches, forwards=self.forwards)
         if mtp_readout and self.drafts:
             result.mtp_drafts, result.mtp_acceptance = _mtp_readout(torch.stack(self.drafts, dim=1), new_tokens)
-        if self.verified:
+        if self.rounds:
+            result.rounds = self.rounds
+            result.draft_acceptance = self.accepted / self.verified if self.verified else None
+        elif self.verified:
             result.mtp_acceptance = self.accepted / self.verified
         try:
             result.text = [model.to_string(row) for row in new_tokens]
@@ -275,39 +298,6 @@ class _Run:
         return result
 
 
-def _speculate(model, run: _Run, kv: V4KVCache) -> None:
-    """Greedy decoding with the MTP head as a one-token drafter.
-
-    Invariant at the top of the loop: the cache holds positions 0..p-1, `x` (position p) is
-    emitted but not yet run, and `draft` is the MTP head's guess for position p+1 (the MTP block
-    at p-1 reads x, and predicts two ahead). One forward over [x, draft] gives the greedy token
-    after x and, if that equals the draft, the one after the draft too. On a mismatch the cache is
-    rolled back and [x, greedy token] is run instead, so the cache only ever holds the greedy path.
-    """
-    if run.finished:
-        return
-    logits, (mtp_logits,) = model(run.tokens, past_kv_cache=kv, mtp=True, logits_to_keep=1)
-    run.forwards += 1
-    x, draft = run.emit(logits[:, -1].argmax(-1)), mtp_logits[:, -1].argmax(-1)
-    while not run.finished:
-        draft = torch.where(run.done, run.pad, draft)  # a finished row feeds pads, as plain decoding does
-        before = kv.snapshot()
-        logits, (mtp_logits,) = model(torch.stack([x, draft], dim=1), past_kv_cache=kv, mtp=True)
-        run.forwards += 1
-        greedy = torch.where(run.done, run.pad, logits[:, 0].argmax(-1))
-        live = ~run.done
-        run.verified += int(live.sum())
-        if not bool((greedy == draft).all()):
-            run.accepted += int(((greedy == draft) & live).sum())  # rows that agreed still count
-            kv.restore(before)
-            logits, (mtp_logits,) = model(torch.stack([x, greedy], dim=1), past_kv_cache=kv, mtp=True)
-            run.forwards += 1
-        else:
-            run.accepted += int(live.sum())
-        run.emit(greedy)
-        if run.finished:
-            break
-        x, draft = run.emit(logits[:, 1].argmax(-1)), mtp_logits[:, 1].argmax(-1)
 def _mtp_readout(drafts: torch.Tensor, new_tokens: torch.Tensor) -> tuple[torch.Tensor, float | None]:
     """Draft at step i predicts new token i+1: acceptance = the share of drafts that came true."""
     drafts = drafts.clone()

@@ -8,6 +8,7 @@
 - `decomposition` — exact logit attribution through mHC (`decompose`, `stream_lineage`)
 - `patching` — activation patching sweeps, attribution patching, mechanism-editing hooks
 - `stats` — routing, mHC and attention statistics
+- `drafts` — the DSpark drafter: confidence calibration, stages vs Markov head
 
 It reads the model room (`v4lens.model`) and nothing else of v4lens; figures (`v4lens.plot`) and
 the command line build on it.
@@ -17,10 +18,11 @@ from . import patching, stats
 from .cache import V4ActivationCache
 from .caching import caching_hooks, run_with_cache
 from .decomposition import decompose, stream_lineage
+from .drafts import draft_calibration, draft_sources
 from .lens import LensResult, logit_lens, mtp_lens
 from .offload import open_offloaded
 
 __all__ = [
-    "LensResult", "V4ActivationCache", "caching_hooks", "decompose", "logit_lens", "mtp_lens", "open_offloaded",
+    "LensResult", "V4ActivationCache", "caching_hooks", "decompose", "draft_calibration", "draft_sources", "logit_lens", "mtp_lens", "open_offloaded",
     "patching", "run_with_cache", "stats", "stream_lineage",
 ]  # fmt: skip

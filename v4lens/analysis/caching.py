@@ -172,20 +172,27 @@ def _chunked_run(model, tokens, chunk_len, names_filter, device, positions, mode
     if chunk_len < 1:
         raise ValueError(f"chunk_len must be at least 1, got {chunk_len}")
     S = tokens.shape[1]
-    kv, pieces, ends, outs = V4KVCache(), {}, [], []
+    model_kwargs = dict(model_kwargs)
+    draft = {"draft": model_kwargs.pop("draft", False), "draft_anchor": model_kwargs.pop("draft_anchor", None)}
+    kv, pieces, ends, outs, drafted = V4KVCache(), {}, [], [], None
     for s0 in range(0, S, chunk_len):
         s1 = min(S, s0 + chunk_len)
         chunk_cache, fwd, _ = caching_hooks(model, names_filter, device=device)
-        with model.hooks(fwd_hooks=fwd, **hook_kwargs):
-            outs.append(model(tokens[:, s0:s1], past_kv_cache=kv, **model_kwargs))
+        with model.hooks(fwd_hooks=fwd, **hook_kwargs):  # a DSpark draft follows the last chunk only
+            outs.append(model(tokens[:, s0:s1], past_kv_cache=kv, **model_kwargs, **(draft if s1 == S else {})))
+        if draft["draft"] and s1 == S:
+            outs[-1], drafted = outs[-1]
         local = None if positions is None else positions[(positions >= s0) & (positions < s1)] - s0
         for name, t in chunk_cache.items():
+            if name.startswith("dspark.") and not draft["draft"]:
+                continue  # the context ring's taps: a forward without draft=True fires no dspark hook
             axis = position_axis(name)
             if local is not None and axis is not None:
                 t = t.index_select(axis, local.to(t.device))
             pieces.setdefault(name, []).append(t)
         ends.append(s1)
     out = None if outs[0] is None else torch.cat(outs, dim=1)
+    out = (out, drafted) if draft["draft"] else out
     return out, {name: concat_chunk_tensors(name, parts, ends) for name, parts in pieces.items()}
 
 

@@ -29,6 +29,7 @@ from .block import Block
 from .config import V4Config
 from .head import fp32_logits
 from .hyper_connections import HyperHead
+from .kv_cache import push_context
 from .norm import RMSNorm
 from .params import is_hooked, param
 from .rope import apply_rope
@@ -39,13 +40,20 @@ class Draft:
     """What `model(tokens, draft=True)` returns beside the result (K = dspark_block_size).
 
     tokens [b,K] int64: draft k is the guess for position p+2+k (p the last input position);
-    logits [b,K,V] fp32: the Markov-corrected logits ℓ_k; confidences [b,K] fp32: raw logits c_k
-    (σ(c_k): the predicted probability that draft k survives given the earlier ones did).
+    logits [b,K,V] fp32: the Markov-corrected logits ℓ_k = base_logits + markov_bias;
+    confidences [b,K] fp32: raw logits c_k (σ(c_k): the predicted probability that draft k survives
+    given the earlier ones did); base_logits [b,K,V] fp32: U, the stages' logits through the shared
+    head; markov_bias [b,K,V] fp32: markov_w2 · markov_w1[y_k], the Markov head's share;
+    probs [b,K,V] fp32 or None: for sampled drafts (speculative sampling), the distribution each
+    draft token was drawn from (a point mass where a hook chose the token).
     """
 
     tokens: torch.Tensor
     logits: torch.Tensor
     confidences: torch.Tensor
+    base_logits: torch.Tensor | None = None
+    markov_bias: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
 
 
 class DSparkAttention(Attention):
@@ -131,19 +139,25 @@ class DSpark(nn.Module):
         self.hook_draft_logits = HookPoint()
         self.hook_confidence = HookPoint()
 
-    def markov_walk(self, base: torch.Tensor, anchor: torch.Tensor, forced=None) -> torch.Tensor:
-        """Greedy y_{k+1} = argmax(U_k + markov_w2 · markov_w1[y_k]), y_0 = anchor: base [b,K,V], anchor [b]
-        -> drafts [b,K]. forced = (mask [b,K], tokens [b,K]): where mask, y_{k+1} is that token instead."""
-        y, drafts = anchor, []
+    def markov_walk(self, base: torch.Tensor, anchor: torch.Tensor, forced=None, pick=None):
+        """y_0 = anchor, y_{k+1} = argmax (or `pick`) of ℓ_k = U_k + markov_w2 · markov_w1[y_k]: base U [b,K,V],
+        anchor [b] -> (drafts [b,K], probs [b,K,V] or None). pick(ℓ [b,V]) -> (tokens [b], probs [b,V]) draws
+        a token (sampling); forced = (mask [b,K], tokens [b,K]): where mask, y_{k+1} is that token instead."""
+        y, drafts, probs = anchor, [], []
         for k in range(base.shape[1]):
-            y = (base[:, k] + F.linear(self.markov_w1[y].float(), self.markov_w2.float())).argmax(-1)
+            logits = base[:, k] + F.linear(self.markov_w1[y].float(), self.markov_w2.float())
+            if pick is None:
+                y = logits.argmax(-1)
+            else:
+                y, p = pick(logits)
+                probs.append(p)
             if forced is not None:
                 y = torch.where(forced[0][:, k], forced[1][:, k], y)
             drafts.append(y)
-        return torch.stack(drafts, dim=1)
+        return torch.stack(drafts, dim=1), (torch.stack(probs, dim=1) if probs else None)
 
 
-def dspark_args(cfg: V4Config, draft: bool, mtp: bool, past_kv_cache, draft_anchor, batch: int, device):
+def dspark_args(cfg: V4Config, draft: bool, mtp: bool, draft_anchor, batch: int, device):
     """Check `forward`'s draft options -> draft_anchor as int64 [b] or None."""
     if mtp and cfg.draft == "dspark":
         raise ValueError(f"{cfg.name} drafts with DSpark, not MTP blocks: use draft=True instead of mtp=True")
@@ -154,15 +168,16 @@ def dspark_args(cfg: V4Config, draft: bool, mtp: bool, past_kv_cache, draft_anch
     if cfg.draft != "dspark":
         raise ValueError(f"draft=True needs a DSpark model (cfg.dspark_block_size > 0); {cfg.name} has "
                          f"{'MTP blocks: use mtp=True' if cfg.draft == 'mtp' else 'no draft module'}")  # fmt: skip
-    if past_kv_cache is not None:
-        raise NotImplementedError("draft=True with past_kv_cache: the DSpark context rings are not in the cache yet")
-    if draft_anchor is None:
-        return None
+    return None if draft_anchor is None else anchor_tensor(cfg, draft_anchor, batch, device)
+
+
+def anchor_tensor(cfg: V4Config, anchor, batch: int, device) -> torch.Tensor:
+    """An anchor token (int, or int64 [b] / [] tensor) -> int64 [b] on `device`, range-checked."""
     from .inputs import check_token_range, token_tensor
 
-    if isinstance(draft_anchor, int) and not isinstance(draft_anchor, bool):
-        draft_anchor = torch.tensor(draft_anchor)
-    anchor = token_tensor(draft_anchor, "draft_anchor").to(device)
+    if isinstance(anchor, int) and not isinstance(anchor, bool):
+        anchor = torch.tensor(anchor)
+    anchor = token_tensor(anchor, "draft_anchor").to(device)
     anchor = anchor.expand(batch) if anchor.ndim == 0 else anchor
     if anchor.shape != (batch,):
         raise ValueError(f"draft_anchor must be an int or int64 [batch={batch}], got shape {tuple(anchor.shape)}")
@@ -170,40 +185,81 @@ def dspark_args(cfg: V4Config, draft: bool, mtp: bool, past_kv_cache, draft_anch
     return anchor.long()
 
 
-def run_dspark(model, taps: list[torch.Tensor], logits: torch.Tensor, positions: torch.Tensor, anchor=None) -> Draft:
-    """DSpark after the main model: taps = the output streams [b,S,n,d] of each target layer (in
-    dspark_target_layer_ids order), logits the main head's [b,≥1,V], positions [S]; anchor [b] or None
-    (the main head's argmax at the last position)."""
+def context_vectors(model, taps: dict, cache=None) -> torch.Tensor:
+    """main_x [b,S,D] from the output streams [b,S,n,d] of the target layers (`taps`: layer -> streams);
+    with a decoding cache, also appended to its context ring (the last W positions)."""
     cfg, ds = model.cfg, model.dspark
-    K, W = cfg.dspark_block_size, cfg.window_size
     # plain mean over the streams (no hc_pre, no norm), as the reference's taps
-    tapped = ds.hook_taps(torch.stack([h.mean(dim=2) for h in taps], dim=2))  # [b,S,T,D]
-    main_x = ds.hook_main_x(ds.main_norm(F.linear(tapped.flatten(2), ds.main_proj)))  # [b,S,D]
-    b, S = main_x.shape[:2]
-    L = min(W, S)  # the context ring: main positions max(0, p-W+1) .. p
-    context = (main_x[:, S - L :], positions[S - L :])
+    tapped = ds.hook_taps(torch.stack([taps[layer].mean(dim=2) for layer in cfg.dspark_target_layer_ids], dim=2))
+    main_x = ds.hook_main_x(ds.main_norm(F.linear(tapped.flatten(2), ds.main_proj)))  # [b,S,T·D] -> [b,S,D]
+    if cache is not None:
+        cache.dspark_context = push_context(cache.dspark_context, main_x, cfg.window_size)
+    return main_x
+
+
+def run_dspark(model, main_x, logits: torch.Tensor, positions: torch.Tensor, anchor=None, cache=None) -> Draft:
+    """DSpark after the main model's chunk: main_x [b,S,D] its context vectors, logits the main head's [b,≥1,V],
+    positions [S]; anchor [b] or None (the main head's argmax at the last position). With a decoding cache
+    (already advanced past the chunk) the context is its ring, which covers earlier chunks too."""
     if anchor is None:
         anchor = logits[:, -1].argmax(-1)
+    if cache is not None:
+        return draft_block(model, ring_context(cache), anchor)
+    L = min(model.cfg.window_size, main_x.shape[1])  # the context ring: main positions max(0, p-W+1) .. p
+    return draft_block(model, (main_x[:, -L:], positions[-L:]), anchor)
+
+
+def ring_context(cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache's context ring and its positions: (main_x [b,L,D], [L] = length-L .. length-1)."""
+    ring = cache.dspark_context
+    return ring, torch.arange(cache.length - ring.shape[1], cache.length, device=ring.device)
+
+
+def draft_from_cache(model, cache, anchor, pick=None) -> Draft:
+    """Draft the block after the last position `cache` holds, from its context ring (no main-model
+    forward): anchor int or int64 [b], the token at that next position; pick(ℓ [b,V]) -> (tokens [b],
+    probs [b,V]) samples each draft (default: argmax). What speculative decoding calls every round."""
+    if model.cfg.draft != "dspark":
+        raise ValueError(f"{model.cfg.name} has no DSpark drafter (cfg.dspark_block_size = 0)")
+    if cache.dspark_context is None or cache.length == 0:
+        raise ValueError("the decoding cache holds no DSpark context yet: run the prompt through the model with "
+                         "past_kv_cache=cache first")  # fmt: skip
+    cache._check_model(model)
+    return draft_block(model, ring_context(cache), anchor_tensor(model.cfg, anchor, cache.batch, cache.dspark_context.device), pick)
+
+
+def draft_block(model, context, anchor: torch.Tensor, pick=None) -> Draft:
+    """The stages and heads: context = (main_x [b,L,D], positions [L], the last being p), anchor [b]
+    (the token at p+1) -> the Draft of positions p+2 .. p+K+1."""
+    cfg, ds = model.cfg, model.dspark
+    K, V = cfg.dspark_block_size, cfg.d_vocab
+    main_x, ctx_positions = context
+    b = main_x.shape[0]
     noise = torch.full((b, K - 1), cfg.dspark_noise_token_id, dtype=torch.long, device=anchor.device)
     block_tokens = torch.cat([anchor[:, None], noise], dim=1)  # [b,K]
     embed = F.embedding(block_tokens, model.embed.weight)
     streams = embed[:, :, None, :].repeat(1, 1, cfg.hc_mult, 1)  # a real copy: hooks may edit in place
-    block_positions = positions[-1] + 1 + torch.arange(K, device=positions.device)
+    block_positions = ctx_positions[-1] + 1 + torch.arange(K, device=ctx_positions.device)
     for stage in ds.stages:  # the official code chains the stages: stage s+1 reads stage s's output streams
         streams = stage(streams, block_positions, context)
 
     h = ds.hc_head(streams)  # [b,K,D], before the norm (the confidence head reads it)
     base = ds.hook_base_logits(fp32_logits(ds.ln_final(h), model.head.weight))  # U [b,K,V]
-    greedy = ds.markov_walk(base, anchor)
-    drafts = ds.hook_drafts(greedy.clone())
-    if not torch.equal(drafts, greedy):  # a hook forced some drafts: the later Markov steps follow them
+    walked, probs = ds.markov_walk(base, anchor, pick=pick)
+    drafts = ds.hook_drafts(walked.clone())
+    if not torch.equal(drafts, walked):  # a hook forced some drafts: the later Markov steps follow them
         from .inputs import check_token_range
 
         check_token_range(drafts, cfg.d_vocab, ds.hook_drafts.name or "dspark.hook_drafts")
-        drafts = ds.markov_walk(base, anchor, forced=(drafts != greedy, drafts))
+        changed = drafts != walked
+        keep = changed | (changed.long().cumsum(1) == 0)  # the hook's tokens and the walk's before them
+        drafts, probs = ds.markov_walk(base, anchor, forced=(keep, drafts), pick=pick)
+        if probs is not None:  # a token the hook chose was drawn from nothing but itself: a point mass
+            probs = torch.where(changed[..., None], F.one_hot(drafts, V).float(), probs)
     previous = torch.cat([anchor[:, None], drafts[:, :-1]], dim=1)  # y_0 .. y_{K-1}
     e = ds.markov_w1[previous].float()  # [b,K,r]
     bias = ds.hook_markov_bias(F.linear(e, ds.markov_w2.float()))  # [b,K,V]
     draft_logits = ds.hook_draft_logits(base + bias)
     conf = F.linear(torch.cat([h.float(), e], dim=-1), ds.confidence_proj.float())[..., 0]
-    return Draft(tokens=drafts, logits=draft_logits, confidences=ds.hook_confidence(conf))
+    return Draft(tokens=drafts, logits=draft_logits, confidences=ds.hook_confidence(conf), base_logits=base,
+                 markov_bias=bias, probs=probs)  # fmt: skip

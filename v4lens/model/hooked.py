@@ -18,7 +18,7 @@ from transformer_lens.HookedRootModule import HookedRootModule
 
 from .block import Block
 from .config import V4Config
-from .dspark import DSpark, dspark_args, run_dspark
+from .dspark import DSpark, context_vectors, dspark_args, run_dspark
 from .guards import CheckedHookPoint, claim
 from .head import fp32_logits
 from .hyper_connections import HyperHead
@@ -211,10 +211,11 @@ class HookedV4(HookedRootModule):
         positions only (transformers' option: a long prompt's [b, p, V] fp32 logits are 0.5 GB per 1k tokens).
         draft: run the DSpark drafter (DSpark models only) after the last position; the result becomes
         `(result, Draft)` (v4lens.model.dspark). draft_anchor: the token at the position after the last
-        (int or int64 [b]) instead of the main head's argmax there.
+        (int or int64 [b]) instead of the main head's argmax there. With past_kv_cache the context is the
+        cache's ring (the last W positions of the whole sequence), filled by every chunk of a DSpark model.
         """
         tokens = self._validate_tokens(input)
-        draft_anchor = dspark_args(self.cfg, draft, mtp, past_kv_cache, draft_anchor, tokens.shape[0], tokens.device)
+        draft_anchor = dspark_args(self.cfg, draft, mtp, draft_anchor, tokens.shape[0], tokens.device)
         if draft and stop_at_layer is not None:
             raise ValueError("stop_at_layer cannot be combined with draft=True (the drafter needs every layer)")
         stop_at_layer, logits_to_keep, mtp_next_tokens = forward_args(
@@ -246,7 +247,9 @@ class HookedV4(HookedRootModule):
         embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
         # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
         streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
-        targets, taps = (self.cfg.dspark_target_layer_ids if draft else ()), {}  # DSpark's taps
+        # DSpark's taps: for a draft, and with a cache on every chunk (its context ring follows the sequence)
+        ring = past_kv_cache is not None and self.cfg.draft == "dspark"
+        targets, taps = (self.cfg.dspark_target_layer_ids if draft or ring else ()), {}
         for layer, block in enumerate(self.blocks[:stop_at_layer]):
             streams = block(streams, positions, tokens, past_kv_cache)
             if layer in targets:  # DSpark reads these layers' output streams
@@ -254,6 +257,8 @@ class HookedV4(HookedRootModule):
         if stop_at_layer is not None:
             return streams
         if return_type is None and not mtp and not draft:
+            if ring:
+                context_vectors(self, taps, past_kv_cache)
             if past_kv_cache is not None:
                 past_kv_cache.length += S
             return None
@@ -265,7 +270,9 @@ class HookedV4(HookedRootModule):
         elif return_type is not None:
             loss = lm_cross_entropy(logits, tokens, per_token=loss_per_token, pad_token_id=self.cfg.pad_token_id)
             result = loss if return_type == "loss" else (logits, loss)
-        mtp_logits = None
+        mtp_logits = main_x = None
+        if draft or ring:
+            main_x = context_vectors(self, taps, past_kv_cache if ring else None)
         if mtp:
             mtp_logits = run_mtp(self, streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep)
         if past_kv_cache is not None:
@@ -273,7 +280,7 @@ class HookedV4(HookedRootModule):
             if mtp:
                 past_kv_cache.mtp_length = past_kv_cache.length
         if draft:
-            return result, run_dspark(self, [taps[i] for i in targets], logits, positions, draft_anchor)
+            return result, run_dspark(self, main_x, logits, positions, draft_anchor, past_kv_cache)
         return (result, mtp_logits) if mtp else result
 
     def _unembed(self, streams: torch.Tensor) -> torch.Tensor:

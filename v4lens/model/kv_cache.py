@@ -12,7 +12,10 @@ would at those positions. Per attention layer that needs:
 
 Nothing else in V4 looks back (mHC and the MoE are per token; hash routing reads the token).
 The MTP block additionally needs the main model's final streams at the last position, because
-its input at t is the token at t+1, which the next chunk brings.
+its input at t is the token at t+1, which the next chunk brings. A DSpark model keeps its context
+ring: the context vectors `main_x` of the last W main positions, from which every stage computes
+its context keys when it drafts (holding main_x rather than each stage's keys: one ring for all
+stages, and a drafting call fires the same hooks with or without a cache).
 
 Every state object is immutable: a forward builds new ones and never writes into old tensors, so
 `cache.snapshot()` is a cheap shallow copy and `cache.restore(snapshot)` undoes whole chunks
@@ -78,6 +81,8 @@ class V4KVCache:
     layers: `AttentionState` per layer index (MTP blocks use n_layers + i).
     mtp_pending [b, 1, n, d]: the main model's final streams at the last position, which the MTP
     block processes once the next token is known.
+    dspark_context [b, ≤W, D] (DSpark models): the context vectors main_x of the last W positions
+    (positions length-L .. length-1), every chunk appends its own; a DSpark draft reads them.
 
     Hooks in a cached forward see the chunk's positions; compressor and indexer-key hooks
     ([b, T, ...]) see only the entries emitted in this chunk; `hook_key_index` numbers raw tokens
@@ -94,6 +99,7 @@ class V4KVCache:
         self.batch: int | None = None
         self.layers: dict[int, AttentionState] = {}
         self.mtp_pending: torch.Tensor | None = None
+        self.dspark_context: torch.Tensor | None = None
         self.mtp_length = 0  # `length` when the MTP block last ran (it must run on every chunk)
         # how many of the current chunk's positions a layer may add to its state (None = all);
         # the MTP pass sets it to leave its draft position out
@@ -117,7 +123,7 @@ class V4KVCache:
             raise ValueError("restore(): this is a snapshot of another V4KVCache; restore only snapshots of this cache")
         self.model_identity = snapshot.model_identity
         self.length, self.batch, self.mtp_length = snapshot.length, snapshot.batch, snapshot.mtp_length
-        self.mtp_pending = snapshot.mtp_pending
+        self.mtp_pending, self.dspark_context = snapshot.mtp_pending, snapshot.dspark_context
         self.layers = dict(snapshot.layers)
 
     @contextlib.contextmanager
@@ -161,7 +167,7 @@ class V4KVCache:
 
     def nbytes(self) -> int:
         """Memory the cached tensors take."""
-        total = 0 if self.mtp_pending is None else self.mtp_pending.nbytes
+        total = sum(t.nbytes for t in (self.mtp_pending, self.dspark_context) if t is not None)
         for state in self.layers.values():
             for t in _tensors(state):
                 total += t.nbytes
@@ -169,6 +175,13 @@ class V4KVCache:
 
     def __repr__(self) -> str:
         return f"V4KVCache(length={self.length}, batch={self.batch}, layers={len(self.layers)}, {self.nbytes() / 2**20:.1f} MiB)"
+
+
+def push_context(ring: torch.Tensor | None, new: torch.Tensor, width: int) -> torch.Tensor:
+    """The DSpark context ring after a chunk: the last `width` rows of ring [b,L,D] followed by new [b,S,D]
+    (a new tensor: snapshots keep the old one)."""
+    both = new if ring is None else torch.cat([ring, new], dim=1)
+    return both if both.shape[1] <= width else both[:, -width:].clone()  # a copy: a view would keep all S rows
 
 
 def append_entries(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
