@@ -1040,6 +1040,316 @@ print("candidates of the step, layer 1 (window, then picked entries as N + w):",
 ]
 
 
+# ============================================================================ 08 DSpark drafter
+NB08 = [
+    md("""
+# 08 · How V4's drafter guesses: DSpark
+
+V4-Flash-0731 and V4-Pro-0813 replace the April MTP block (one guess, two tokens ahead) with
+**DSpark**, a drafter that guesses a whole block of K tokens at once; speculative decoding then
+checks the block with one forward of the main model. After the main model has run positions
+0 … p:
+
+1. **taps** — the output streams of a few target layers (`dspark_target_layer_ids`), averaged
+   over the n mHC streams (`dspark.hook_taps`), are projected and normalised into one context
+   vector per position, `main_x` (`dspark.hook_main_x`);
+2. **the draft block** — the anchor a (the main head's pick at p, i.e. the token at p+1) and
+   K−1 noise tokens (`dspark_noise_token_id`), at positions p+1 … p+K;
+3. **three stages** — ordinary V4 blocks, chained. Their attention lets every block query see the
+   context keys of the last W main positions (the *context ring*, built from `main_x`) and all K
+   block keys: inside the block it is **not causal**;
+4. **the shared head** — the last stage's hc_head and norm, then the main model's unembedding:
+   the base logits U [b, K, V];
+5. **the Markov head** — a rank-r bigram correction walked left to right:
+   y₀ = a, y_{k+1} = argmax(U_k + markov_w2 · markov_w1[y_k]), so each draft can follow the one before;
+6. **the confidence head** — c_k = w_c · [h_k ; markov_w1[y_k]]; σ(c_k) is the predicted probability
+   that draft k survives verification given that the earlier drafts did.
+
+`tiny-dspark` is the `tiny` backbone (4 layers, the real V4 vocabulary and tokenizer) with such a
+drafter, all seeded random weights. Be clear about what that means: its drafts are gibberish and the
+main model almost never accepts them. This notebook shows the mechanics — every step above is a
+hook — and what you would read on real weights; where a *working* drafter is needed, hooks fake one.
+"""),
+    code(SETUP),
+    code("""
+from contextlib import contextmanager
+
+import pandas as pd
+
+from v4lens.analysis import draft_calibration, draft_sources
+
+model = v4lens.load("tiny-dspark")
+cfg = model.cfg
+K = cfg.dspark_block_size
+print(f"backbone: {[cfg.layer_type(l) for l in range(cfg.n_layers)]}, window W = {cfg.window_size}")
+print(f"DSpark: block of K = {K}, {cfg.n_mtp_layers} stages, taps of layers {cfg.dspark_target_layer_ids}, "
+      f"Markov rank r = {cfg.dspark_markov_rank}")
+print(f"noise token {cfg.dspark_noise_token_id}: {model.to_string([cfg.dspark_noise_token_id])!r}")
+"""),
+    md("""
+## One draft
+
+`model(tokens, draft=True)` returns the main logits and a `Draft`: `tokens` [b, K] (draft k guesses
+position p+2+k), `logits` [b, K, V] (the Markov-corrected ℓ = U + Markov bias), `confidences` [b, K]
+(raw logits c_k), and the two parts of ℓ, `base_logits` (U) and `markov_bias`. `draft_anchor=` sets
+the anchor yourself instead of taking the main head's pick.
+"""),
+    code("""
+prompt = "The quick brown fox jumps over the lazy dog and the"
+tokens = model.to_tokens(prompt)
+p = tokens.shape[1] - 1                    # the last position the main model ran
+logits, draft = model(tokens, draft=True)
+anchor = logits[0, -1].argmax()            # the token at p+1: the block's first input
+print("tokens", tuple(draft.tokens.shape), " logits", tuple(draft.logits.shape),
+      " confidences", tuple(draft.confidences.shape))
+
+def words(ids):
+    return model.to_str_tokens(ids, prepend_bos=False)
+
+sigma = draft.confidences[0].sigmoid()
+pd.DataFrame({"position": [p + 1] + [p + 2 + k for k in range(K)],
+              "token": words(torch.cat([anchor[None], draft.tokens[0]])),
+              "σ(c)": [None] + sigma.tolist(),
+              "predicted survival Π σ": [None] + sigma.cumprod(0).tolist()},
+             index=["anchor (main head)"] + [f"draft {k + 1}" for k in range(K)]).round(4)
+"""),
+    md("""
+The random confidence head outputs c ≈ 0, so σ ≈ 0.5 for every draft and the predicted survival of
+the whole prefix halves with each step. A trained head is what makes the numbers useful: high on
+easy continuations (code, a repeated span), dropping where the text can branch.
+
+## Taps and the context ring
+
+The stages never see the main model's tokens, only `main_x`. A tap is literally the mean over the
+n streams of a target layer's `hook_streams_post`; each stage turns the last W context vectors into
+its own keys (`attn.hook_context_kv`).
+"""),
+    code("""
+_, cache = model.run_with_cache(tokens, draft=True)
+taps, main_x = cache["dspark.hook_taps"], cache["dspark.hook_main_x"]
+print("taps", tuple(taps.shape), "(b, p, T target layers, d) → main_x", tuple(main_x.shape), "(b, p, d)")
+for t, layer in enumerate(cfg.dspark_target_layer_ids):
+    same = torch.allclose(taps[:, :, t], cache[f"blocks.{layer}.hook_streams_post"].mean(2))
+    print(f"  tap {t} == blocks.{layer}.hook_streams_post averaged over the {cfg.hc_mult} streams: {same}")
+print("stage 0: context keys", tuple(cache["dspark.stages.0.attn.hook_context_kv"].shape),
+      "+ block keys", tuple(cache["dspark.stages.0.attn.hook_kv"].shape), "(b, keys, c)")
+"""),
+    md("""
+`attn.hook_key_index` [b, K, L+K] names every key column by absolute position: main positions
+p−L+1 … p, then the block p+1 … p+K — the same row for every block query. `plot.draft_attention`
+draws a stage's pattern (here the mean over heads); the dotted line separates the context ring from
+the block. (`plot.attention_pattern` draws main-model blocks, whose queries are the prompt.)
+"""),
+    code("""
+plot.draft_attention(model, cache, stage=0).show()
+index = cache["dspark.stages.0.attn.hook_key_index"][0, 0].tolist()   # [L+K] absolute positions
+pattern = cache["dspark.stages.0.attn.hook_pattern"][0].mean(0)        # [K queries, L+K keys]
+L = len(index) - K
+print(f"the first block query (the anchor, position {p + 1}) puts {pattern[0, L + 1:].sum():.3f} of its "
+      f"attention on the later block keys {p + 2}..{p + K}: not causal")
+"""),
+    md("""
+The stages are score-routed MoE blocks like the main model's learned layers; their routing is in
+the cache as usual (`dspark.stages.{s}.mlp.hook_expert_ids`), one row per block position. The noise
+positions enter with the same embedding and differ only through attention (their RoPE positions);
+at random init that is not enough to route them apart:
+"""),
+    code("""
+experts = {f"stage {s}": cache[f"dspark.stages.{s}.mlp.hook_expert_ids"][0].tolist() for s in range(cfg.n_mtp_layers)}
+pd.DataFrame(experts, index=[f"{j}·{'anchor' if j == p + 1 else 'noise'}" for j in index[-K:]])
+"""),
+    md("""
+## Stages vs the Markov head
+
+Each drafted token's logit ℓ_k[y] = U_k[y] + Markov bias[y]. `draft_sources` splits it and flags the
+drafts the Markov bias *decided* (the stages alone, argmax U_k, would have picked another token);
+`plot.draft_sources_bars` draws the split, ★ on those drafts.
+"""),
+    code("""
+src = draft_sources(draft)
+pd.DataFrame({"draft": words(draft.tokens[0]), "stages alone": words(src.stage_choice[0]),
+              "U[y]": src.stage_logit[0].tolist(), "Markov bias[y]": src.markov_logit[0].tolist(),
+              "Markov decided": src.markov_decided[0].tolist()}, index=[f"draft {k + 1}" for k in range(K)]).round(4)
+"""),
+    code("""
+plot.draft_sources_bars(model, draft).show()
+"""),
+    md("""
+At random init the Markov bias is a few thousandths of a logit: it decides a draft only where the
+stages' top two tokens are nearly tied. To see a strong Markov head, scale `markov_w2` (its output
+side) for one forward and restore it. Stronger bigram steering changes most picks — ★ almost
+everywhere.
+
+(A hook on `dspark.hook_markov_bias` is *not* the way to do this: that hook fires after the walk
+has picked the drafts, so it changes the returned `Draft.logits` only — the drafts stay, and are
+then no longer the argmax of the logits returned with them.)
+"""),
+    code("""
+@contextmanager
+def stronger_markov(model, factor):
+    \"\"\"Scale the Markov head's markov_w2 inside the context; the original weights come back afterwards.\"\"\"
+    w2 = model.dspark.markov_w2
+    saved = w2.clone()
+    w2.mul_(factor)
+    try:
+        yield
+    finally:
+        w2.copy_(saved)
+
+with stronger_markov(model, 100):
+    _, strong = model(tokens, draft=True)
+assert torch.equal(model(tokens, draft=True)[1].tokens, draft.tokens)  # restored
+print("drafts, Markov ×100:", words(strong.tokens[0]))
+print("Markov decided:     ", draft_sources(strong).markov_decided[0].tolist())
+plot.draft_sources_bars(model, strong).show()
+"""),
+    md("""
+## Editing a draft
+
+`dspark.hook_drafts` [b, K] holds the walk's picks. A changed entry is *forced*: the walk restarts
+from it, so the Markov bias of the next step (and the confidences, which read markov_w1[y_k]) follow
+the forced token. Force draft 1 to " cat" — with the weak random Markov head only the next
+confidence moves; with the ×100 head the rest of the block re-walks. The main model's logits never
+change: DSpark runs after the main head.
+"""),
+    code("""
+cat = model.to_single_token(" cat")
+
+def force_first(drafts, hook):
+    drafts = drafts.clone()  # [b, K]: a new tensor, never edit in place
+    drafts[:, 0] = cat
+    return drafts
+
+force = [("dspark.hook_drafts", force_first)]
+edited_logits, forced = model.run_with_hooks(tokens, draft=True, fwd_hooks=force)
+with stronger_markov(model, 100):
+    _, strong_forced = model.run_with_hooks(tokens, draft=True, fwd_hooks=force)
+print("main logits unchanged:", torch.equal(edited_logits, logits))
+pd.DataFrame({"drafted": words(draft.tokens[0]), "draft 1 forced": words(forced.tokens[0]),
+              "σ(c)": draft.confidences[0].sigmoid().tolist(),
+              "σ(c), forced": forced.confidences[0].sigmoid().tolist(),
+              "Markov ×100": words(strong.tokens[0]), "Markov ×100, forced": words(strong_forced.tokens[0])},
+             index=[f"draft {k + 1}" for k in range(K)]).round(4)
+"""),
+    md("""
+## Speculative decoding
+
+`model.generate(prompt, speculative=True)` decodes in rounds. The cache holds positions 0 … p and x,
+the token at p+1, is chosen: DSpark drafts y₁ … y_K from the cache's context ring (no main-model
+forward), one forward over [x, y₁ … y_K] gives the main model's picks after each, and greedy
+decoding keeps drafts while they equal those picks. The round emits the kept drafts plus the main
+model's next token; if drafts were rejected the cache is rolled back and the kept tokens re-run.
+The output is exactly plain greedy decoding's; only the number of forwards changes.
+"""),
+    code("""
+N = 40
+plain = model.generate(prompt, max_new_tokens=N)
+spec = model.generate(prompt, max_new_tokens=N, speculative=True)
+print("same tokens as plain greedy:", torch.equal(spec.tokens, plain.tokens), "|", repr(plain.text[0][:60]))
+print(f"forwards: plain {plain.forwards}, speculative {spec.forwards}; draft acceptance {spec.draft_acceptance:.2f}")
+
+def rounds_table(out, n=5):
+    return pd.DataFrame([{"verified": r.verified, "accepted": int(r.accepted[0]), "tokens emitted": r.kept + 1,
+                          "drafts": repr(model.to_string(r.drafts[0])),
+                          "σ(c)": [round(s, 2) for s in r.confidences[0].sigmoid().tolist()]}
+                         for r in out.rounds[:n]])
+
+rounds_table(spec)
+"""),
+    md("""
+The random drafter is never right: every round verifies 5 drafts, keeps none, and re-runs x to drop
+them from the cache — about two forwards per token, worse than plain decoding. Everything depends on
+the guesses, so make the drafter right with hooks: plain greedy already gave the continuation, a hook
+on stage 0's `attn.hook_key_index` reads which position the round drafts for (the block's first key
+is p+1), and a hook on `dspark.hook_drafts` writes the true tokens in. Hooks passed to `generate`
+are active in every drafting pass and forward.
+"""),
+    code("""
+truth = plain.tokens[0]  # the prompt and its greedy continuation
+where = {}
+
+def block_start(index, hook):  # [b, K, L+K] absolute positions: observe only
+    where["p"] = int(index[0, 0, -K]) - 1
+
+def oracle(drafts, hook):  # [b, K]: draft k guesses position p+2+k
+    right = truth[where["p"] + 2: where["p"] + 2 + K]
+    drafts = drafts.clone()
+    drafts[0, :len(right)] = right  # past the end of the budget nothing is verified
+    return drafts
+
+oracle_hooks = [("dspark.stages.0.attn.hook_key_index", block_start), ("dspark.hook_drafts", oracle)]
+right = model.generate(prompt, max_new_tokens=N, speculative=True, fwd_hooks=oracle_hooks)
+print("same tokens as plain greedy:", torch.equal(right.tokens, plain.tokens))
+print(f"forwards: {right.forwards} for {N} tokens ({N / right.forwards:.1f} tokens per forward); "
+      f"draft acceptance {right.draft_acceptance:.2f}")
+rounds_table(right)
+"""),
+    md("""
+With every draft right a round emits K+1 = 6 tokens for one forward. (Speculative *sampling*,
+`temperature=` with `seed=`, is lossless too: drafts are kept with probability min(1, p/q) and its
+tokens are distributed as the main model's. Beware of reading its acceptance rate on random weights:
+both distributions are nearly uniform, p/q ≈ 1, so gibberish drafts are often "accepted".)
+"""),
+    code("""
+sampled = model.generate(prompt, max_new_tokens=N, speculative=True, temperature=1.0, seed=0)
+print(f"sampled: acceptance {sampled.draft_acceptance:.2f}, {sampled.forwards} forwards")
+"""),
+    md("""
+## Is the confidence head calibrated?
+
+`draft_calibration(out)` compares, per draft position (0 = draft 1), the observed survival (this
+draft and all before it kept) with the predicted Π σ(c_j), and the rate at which a draft is kept
+once the earlier ones were with the mean σ(c). For the random drafter the head is over-confident:
+it predicts 0.5, 0.25, … and nothing survives.
+"""),
+    code("""
+pd.DataFrame(draft_calibration(spec).rows()).round(3)
+"""),
+    md("""
+A drafter that is right *some* of the time gives a more telling picture. The noisy oracle below
+writes each true token with probability 0.8 and keeps the drafter's own guess otherwise; the head
+still predicts ≈ 0.5 per draft, so now it is under-confident. `plot.draft_calibration_plot` shows
+both sides: the bars per position (observed vs predicted survival) and the reliability curve over
+bins of the prediction. On real weights this is the figure to check: calibrated means bars of equal
+height and points on the diagonal.
+"""),
+    code("""
+coin = torch.Generator().manual_seed(0)
+
+def noisy_oracle(drafts, hook):
+    right = truth[where["p"] + 2: where["p"] + 2 + K]
+    lucky = torch.rand(len(right), generator=coin) < 0.8
+    drafts = drafts.clone()
+    drafts[0, :len(right)] = torch.where(lucky, right, drafts[0, :len(right)])
+    return drafts
+
+noisy_hooks = [("dspark.stages.0.attn.hook_key_index", block_start), ("dspark.hook_drafts", noisy_oracle)]
+noisy = model.generate(prompt, max_new_tokens=N, speculative=True, fwd_hooks=noisy_hooks)
+print(f"{len(noisy.rounds)} rounds, {noisy.forwards} forwards, draft acceptance {noisy.draft_acceptance:.2f}")
+plot.draft_calibration_plot(noisy).show()
+"""),
+    md("""
+## Verifying only confident drafts: `draft_threshold`
+
+With `draft_threshold=t` a round verifies drafts only while their predicted survival Π σ(c_j)
+stays ≥ t. The confidence decides how many drafts are *checked*, never whether one is accepted, so
+the tokens stay plain greedy's. On this drafter σ ≈ 0.5: t = 0.4 checks one draft per round (shorter
+forwards, but every rejection still costs a re-run), t = 0.6 none — then each round is a plain
+decoding step and the wasted verify-and-re-run forwards are gone. With a calibrated head the
+threshold trades positions checked against drafts accepted.
+"""),
+    code("""
+rows = []
+for t in (None, 0.4, 0.6):
+    out = model.generate(prompt, max_new_tokens=N, speculative=True, draft_threshold=t)
+    rows.append({"draft_threshold": "none: all K" if t is None else t, "rounds": len(out.rounds),
+                 "drafts verified": sum(r.verified for r in out.rounds), "forwards": out.forwards,
+                 "same tokens as plain greedy": torch.equal(out.tokens, plain.tokens)})
+pd.DataFrame(rows)
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_quickstart": NB01,
     "02_routing": NB02,
@@ -1048,6 +1358,7 @@ NOTEBOOKS = {
     "05_recall_circuit": NB05,
     "06_exporting_figures": NB06,
     "07_mini3b_at_scale": NB07,
+    "08_dspark_drafter": NB08,
 }
 
 

@@ -40,8 +40,11 @@ def test_calibration_counts_and_rates_by_hand():
     assert cal.conditional_counts.tolist() == [3, 2, 1]
     torch.testing.assert_close(cal.conditional_observed, torch.tensor([2 / 3, 1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(cal.conditional_predicted[1], torch.tensor(0.5, dtype=torch.float64), rtol=1e-6, atol=1e-6)
-    edges, predicted, observed, counts = cal.bins
-    assert int(counts.sum()) == 8 and edges.shape == (5,)
+    edges, predicted, observed, counts = cal.bins  # 8 checked drafts over [0, .25, .5, .75, 1]
+    assert counts.tolist() == [1, 5, 0, 2] and edges.shape == (5,)
+    torch.testing.assert_close(observed[[0, 1, 3]], torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(predicted[1], torch.tensor((0.4 * 3 + 0.36 + 0.324) / 5, dtype=torch.float64))
+    assert predicted[2].isnan() and observed[2].isnan()
     assert cal.rows()[0]["checked"] == 3
     with pytest.raises(ValueError, match="rounds"):
         draft_calibration([])
@@ -90,3 +93,24 @@ def test_figures_build_and_export(model, tmp_path):
     assert len(bars.data[0].x) == model.cfg.dspark_block_size
     plot.save(bars, tmp_path / "sources.html")
     assert (tmp_path / "sources.html").stat().st_size > 1000
+
+
+def test_draft_attention_draws_a_stage_and_block_figures_refuse_stages(model):
+    from v4lens import plot
+
+    tokens = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
+    (_, _), cache = model.run_with_cache(tokens, draft=True)
+    K, L = model.cfg.dspark_block_size, model.cfg.window_size
+    fig = plot.draft_attention(model, cache, stage=1, head=0)
+    z = torch.tensor(fig.data[0].z)
+    assert z.shape == (K, L + K + 1)  # block queries x [ring, block, sink]
+    expected = torch.cat([cache["dspark.stages.1.attn.hook_pattern"][0, 0], cache["dspark.stages.1.attn.hook_sink"][0, 0][:, None]], 1)
+    torch.testing.assert_close(z, expected.float(), rtol=0, atol=1e-6)
+    assert torch.allclose(z.sum(1), torch.ones(K), atol=1e-5)  # each row: candidates + sink = 1
+    assert fig.data[0].x[L].startswith(f"{tokens.shape[1]}·anchor")
+    with pytest.raises(ValueError, match="draft_attention"):
+        plot.attention_pattern(model, cache, layer="dspark.stages.0", head=0)
+    with pytest.raises(ValueError, match="draft_attention"):
+        plot.router_heatmap(model, cache, layer="dspark.stages.0")
+    with pytest.raises(ValueError, match="stage"):
+        plot.draft_attention(model, cache, stage=3)

@@ -104,7 +104,9 @@ def run_with_cache(
 ):
     """Run `model(input, ...)` and cache activations: TransformerLens's `run_with_cache`, stream-aware.
 
-    Returns (model output, `V4ActivationCache`). Same keywords as TransformerLens; `device`
+    Returns (model output, `V4ActivationCache`): the output is what `model(input, ...)` returns, so
+    with `draft=True` (DSpark) it is `((logits, Draft), cache)`, with `mtp=True` `((logits, mtp_logits),
+    cache)`. Same keywords as TransformerLens; `device`
     is where the cache is stored (e.g. "cpu" while the model runs on a GPU). The cache also keeps
     the input tokens and, after `pos_slice`, which positions it holds, so the logit lens can find
     next-token targets. `HookedV4.run_with_cache` should be this function.
@@ -117,7 +119,7 @@ def run_with_cache(
     chunk_len: run the input through a `V4KVCache` chunk_len tokens at a time (the forward's own
     memory then grows with chunk_len, not with the length) and assemble the chunks' caches into
     the one a single forward gives (`concat_chunk_tensors`). Not with MTP, gradients or a cache of
-    your own.
+    your own; with `draft=True` the drafter runs after the last chunk.
 
     >>> logits, cache = run_with_cache(model, "The capital of France is", device="cpu", pos_slice=-1)
     """

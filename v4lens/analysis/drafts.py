@@ -43,9 +43,9 @@ class DraftCalibration:
     bins: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
     def rows(self) -> list[dict]:
-        """One dict per draft position (for a table or a DataFrame)."""
+        """One dict per draft position, "draft" 1..K as the figures label them (for a table or a DataFrame)."""
         return [
-            {"position": k, "checked": int(self.counts[k]), "observed_survival": float(self.observed[k]),
+            {"draft": k + 1, "checked": int(self.counts[k]), "observed_survival": float(self.observed[k]),
              "predicted_survival": float(self.predicted[k]), "kept_given_previous": float(self.conditional_observed[k]),
              "mean_confidence": float(self.conditional_predicted[k])}
             for k in range(self.counts.shape[0])

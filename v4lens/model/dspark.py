@@ -46,6 +46,9 @@ class Draft:
     head; markov_bias [b,K,V] fp32: markov_w2 · markov_w1[y_k], the Markov head's share;
     probs [b,K,V] fp32 or None: for sampled drafts (speculative sampling), the distribution each
     draft token was drawn from (a point mass where a hook chose the token).
+    The walk picks the tokens before `dspark.hook_markov_bias` / `hook_draft_logits` fire, so an edit
+    there changes `logits` / `markov_bias` but not `tokens` (then the tokens need not be the argmax of
+    the logits returned with them); to change the drafts, edit `hook_base_logits` or `hook_drafts`.
     """
 
     tokens: torch.Tensor
@@ -145,7 +148,8 @@ class DSpark(nn.Module):
         a token (sampling); forced = (mask [b,K], tokens [b,K]): where mask, y_{k+1} is that token instead."""
         y, drafts, probs = anchor, [], []
         for k in range(base.shape[1]):
-            logits = base[:, k] + F.linear(self.markov_w1[y].float(), self.markov_w2.float())
+            # fp32 like the head (and by the same routine: no fp32 copy of the whole [V, r] table)
+            logits = base[:, k] + fp32_logits(self.markov_w1[y], self.markov_w2)
             if pick is None:
                 y = logits.argmax(-1)
             else:
@@ -258,7 +262,7 @@ def draft_block(model, context, anchor: torch.Tensor, pick=None) -> Draft:
             probs = torch.where(changed[..., None], F.one_hot(drafts, V).float(), probs)
     previous = torch.cat([anchor[:, None], drafts[:, :-1]], dim=1)  # y_0 .. y_{K-1}
     e = ds.markov_w1[previous].float()  # [b,K,r]
-    bias = ds.hook_markov_bias(F.linear(e, ds.markov_w2.float()))  # [b,K,V]
+    bias = ds.hook_markov_bias(fp32_logits(ds.markov_w1[previous], ds.markov_w2))  # [b,K,V], as in the walk
     draft_logits = ds.hook_draft_logits(base + bias)
     conf = F.linear(torch.cat([h.float(), e], dim=-1), ds.confidence_proj.float())[..., 0]
     return Draft(tokens=drafts, logits=draft_logits, confidences=ds.hook_confidence(conf), base_logits=base,

@@ -4,6 +4,7 @@
     fig = draft_calibration_plot(out)                 # or a DraftCalibration
     _, draft = model(tokens, draft=True)
     fig = draft_sources_bars(model, draft)           # stages vs Markov head, per draft position
+    fig = draft_attention(model, cache, stage=0)     # a stage's block queries over [context ring, block]
 """
 
 from __future__ import annotations
@@ -82,6 +83,52 @@ def draft_sources_bars(model, draft, batch: int = 0) -> go.Figure:
     fig.add_trace(go.Scatter(x=x, y=[s + m for s, m in zip(stage, markov)], mode="markers", name="ℓ[y]",
                              marker=dict(symbol="diamond", size=10, color="#222"), hoverinfo="skip"))  # fmt: skip
     fig.update_layout(barmode="relative", yaxis_title="logit of the drafted token", xaxis_title="draft · token")
+    return fig
+
+
+def draft_attention(model, source, stage: int = 0, head: int | None = None, batch: int = 0) -> go.Figure:
+    """Heatmap of one DSpark stage's attention: y = the K block queries (positions p+1 … p+K: the
+    anchor, then the noise tokens), x = their candidates, the same for every query: the context ring
+    (main positions p−L+1 … p, labelled "position·token") then the K block keys, and the sink
+    column; z = the attention probability of `head` (None: the mean over heads). A dotted line
+    separates the ring from the block: the block is not causal, every query sees every block key.
+
+    source: a cache of `model.run_with_cache(tokens, draft=True)`, or a prompt / tokens (then run so).
+    """
+    from ..analysis.cache import V4ActivationCache
+
+    prefix = f"dspark.stages.{stage}.attn"
+    if model.cfg.draft != "dspark" or not 0 <= stage < model.cfg.n_mtp_layers:
+        raise ValueError(f"draft_attention needs a DSpark model and a stage in [0, {model.cfg.n_mtp_layers}), "
+                         f"got stage {stage} on {model.cfg.name} (draft module: {model.cfg.draft})")  # fmt: skip
+    names = [f"{prefix}.hook_key_index", f"{prefix}.hook_pattern", f"{prefix}.hook_sink"]
+    cache = source
+    if not isinstance(source, V4ActivationCache):
+        _, cache = model.run_with_cache(source, draft=True, names_filter=names)
+    index = style.cached(cache, names[0], "draft_attention")[batch, 0].tolist()  # [L+K] absolute positions
+    pattern = style.cached(cache, names[1], "draft_attention")[batch].float().cpu()  # [h, K, L+K]
+    sink = style.cached(cache, names[2], "draft_attention")[batch].float().cpu()  # [h, K]
+    pattern, sink = (pattern.mean(0), sink.mean(0)) if head is None else (pattern[head], sink[head])
+    K = model.cfg.dspark_block_size
+    L, p = len(index) - K, index[-K] - 1  # p: the last main position
+    strings = [style.printable(t) for t in model.to_str_tokens(cache.tokens[batch])] if cache.tokens is not None else None
+
+    def label(j: int) -> str:
+        if j > p:
+            return f"{j}·{'anchor' if j == p + 1 else 'noise'}"
+        return f"{j}·{strings[j]}" if strings is not None and j < len(strings) else str(j)
+
+    x = [label(j) for j in index] + ["sink"]
+    y = [label(j) for j in index[-K:]]
+    z = torch.cat([pattern, sink[:, None]], dim=1)
+    which = "mean over heads" if head is None else f"head {head}"
+    fig = style.figure(f"DSpark stage {stage} · block queries over [context ring, block] ({which})",
+                       width=max(700, 26 * len(x) + 240), height=380)  # fmt: skip
+    fig.add_heatmap(z=z.tolist(), x=x, y=y, colorscale=style.SEQUENTIAL, colorbar_title="attention",
+                    hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.4f}<extra></extra>")  # fmt: skip
+    fig.add_vline(x=L - 0.5, line_dash="dot", line_color="white")
+    fig.update_yaxes(autorange="reversed", title_text="block query (position)")
+    fig.update_xaxes(title_text="candidate key (position·token)")
     return fig
 
 

@@ -108,6 +108,12 @@ def hook_filter(*suffixes: str, blocks=None):
 def block_prefix(model, layer: int | str) -> str:
     """Layer index (n_layers + i for MTP block i, as in `V4Config`) or prefix -> "blocks.l" / "mtp.i"."""
     if isinstance(layer, str):
+        if layer.startswith("dspark"):  # its queries are the draft block, not the prompt: other axes
+            raise ValueError(
+                f"{layer!r}: the block figures draw main-model blocks and MTP blocks; for a DSpark stage use "
+                "plot.draft_attention(model, cache, stage=s) or read cache['dspark.stages.{s}.<hook>'] "
+                "(one row per draft-block position)"
+            )
         return layer.rstrip(".")
     n = model.cfg.n_layers
     layer = layer % n if layer < 0 else layer
