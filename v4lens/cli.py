@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "and layer types, without building its weights.")  # fmt: skip
     info.add_argument("model", help="preset name or checkpoint directory")
     info.add_argument("--json", action="store_true", help="print the config as JSON")
+    info.add_argument("--memory", action="store_true", help="the weights' memory per mode (fp32, bf16, as stored: "
+                      "FP8 / FP4) and where accelerate would place them")  # fmt: skip
+    info.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                      help="with --memory: the devices to place on, e.g. '0=141GB,cpu=512GB,disk=4TB' "
+                      "(default: three reference machines)")  # fmt: skip
     info.set_defaults(run=_info)
 
     run = commands.add_parser("run", help="top next-token predictions (and the MTP head's) for a prompt",

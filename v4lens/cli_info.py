@@ -61,4 +61,50 @@ def info(args) -> int:
                           for i, k in enumerate(kinds)))  # fmt: skip
     for k in ("sliding", "csa", "hca"):
         print(f"  {k}: {kinds.count(k)}")
+    if getattr(args, "memory", False):
+        memory(cfg, args.max_memory)
+    elif getattr(args, "max_memory", None):
+        raise ValueError("--max-memory goes with --memory")
     return 0
+
+
+# the machines a full-size V4 is run on (placements printed by `v4lens info MODEL --memory`)
+REFERENCE_MACHINES = {
+    "1×H200 (141 GB) + 512 GB host RAM": {0: "141GB", "cpu": "512GB"},
+    "8×H200 (141 GB each)": {i: "141GB" for i in range(8)},
+    "CPU box, 256 GB RAM + 4 TB NVMe": {"cpu": "256GB", "disk": "4TB"},
+}
+
+
+def parse_max_memory(text: str) -> dict:
+    """'0=141GB,cpu=512GB,disk=4TB' -> {0: '141GB', 'cpu': '512GB', 'disk': '4TB'}."""
+    out = {}
+    for part in text.split(","):
+        device, sep, size = part.partition("=")
+        if not sep or not device.strip() or not size.strip():
+            raise ValueError(f"--max-memory: {part!r} is not DEVICE=SIZE (e.g. '0=141GB,cpu=512GB,disk=4TB')")
+        device = device.strip()
+        out[int(device) if device.isdigit() else device] = size.strip()
+    return out
+
+
+def memory(cfg, max_memory: str | None) -> None:
+    """Print the weights' bytes per mode and accelerate's placement on the given (or reference) machines."""
+    from .weights.placement import plan_placement, weight_bytes
+
+    wb = weight_bytes(cfg)
+    print("weights (routed experts + everything else):")
+    for mode, what in (("fp32", "fp32 (fp32 islands kept)"), ("bf16", "bf16 (as v4lens.load builds it)"),
+                       ("stored", "as stored (FP8 matrices, FP4 experts, scales)")):  # fmt: skip
+        print(f"  {what}: {wb.total(mode) / 1e9:,.1f} GB = {wb.experts[mode] / 1e9:,.1f} + {wb.other[mode] / 1e9:,.1f}")
+    print("(a plan from the config: v4lens.load builds fp32 / bf16 weights on one device today; running with the "
+          "weights as stored, or over several devices, is not implemented yet)")
+    machines = {"--max-memory": parse_max_memory(max_memory)} if max_memory else REFERENCE_MACHINES
+    for label, budget in machines.items():
+        for mode in ("stored", "bf16"):
+            try:
+                lines = plan_placement(cfg, budget, mode).summary()
+            except ValueError as e:
+                lines = [f"does not fit: {e}"]
+            print(f"placement on {label}, weights {mode}:")
+            print("\n".join("  " + line for line in lines))
