@@ -40,12 +40,20 @@ def _named_tensors(model):
     return model.state_dict(keep_vars=True).items()  # parameters and persistent buffers, by name
 
 
+def _stored(t: torch.Tensor) -> tuple:
+    """The tensors that hold a weight's values: itself, or for a weight kept quantised (a tensor subclass that
+    dequantises on use, `v4lens.weights.at_rest`) what it stores, so nothing dense is built to fingerprint it."""
+    stored = getattr(t, "stored_tensors", None)
+    return tuple(stored()) if stored is not None else (t,)
+
+
 def weights_versions(model) -> tuple:
     """Where each weight lives and how often it was written in place: changes whenever a weight is
     replaced, moved or edited through autograd-visible in-place ops (`p.mul_`, `load_state_dict`)."""
     # parameters() + buffers() is cheaper than state_dict(); a non-persistent buffer that changes
     # only costs a recomputed fingerprint (which leaves it out)
-    return tuple((t.data_ptr(), t._version) for t in itertools.chain(model.parameters(), model.buffers()))
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return tuple((s.data_ptr(), s._version) for t in tensors for s in _stored(t))
 
 
 def weights_fingerprint(model) -> str:
@@ -54,13 +62,14 @@ def weights_fingerprint(model) -> str:
     with torch.no_grad():
         for name, t in _named_tensors(model):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-            n = t.numel()
-            if n == 0 or t.is_meta:
-                continue
-            k = min(n, SAMPLES)
-            idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # exact integer spacing
-            sample = t.detach().reshape(-1)[idx.to(t.device)].cpu().contiguous()
-            h.update(sample.view(torch.uint8).numpy().tobytes())
+            for s in _stored(t):
+                n = s.numel()
+                if n == 0 or s.is_meta:
+                    continue
+                k = min(n, SAMPLES)
+                idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)  # exact integer spacing
+                sample = s.detach().reshape(-1)[idx.to(s.device)].cpu().contiguous()
+                h.update(sample.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -38,7 +38,8 @@ def shipped_checkpoint(name: str) -> Path | None:
 # ---------------------------------------------------------------------- public entry point
 def load(
     name_or_path: str | Path | None = None, device=None, dtype=None, seed: int = 0, *,
-    preset: str | None = None, max_memory: int | str | None = None, draft: str | None = "preset", **overrides,
+    preset: str | None = None, max_memory: int | str | None = None, draft: str | None = "preset",
+    keep_quantized: bool = False, **overrides,
 ) -> HookedV4:  # fmt: skip
     """A model in eval mode.
 
@@ -58,17 +59,24 @@ def load(
         of 5, noise token 128799, Markov rank 256; `tiny` takes tiny-dspark's) or None (none), e.g.
         `load("mini-3b", draft="dspark")`; see `v4lens.model.presets.preset`. A checkpoint decides its own
         draft module: any other value with a checkpoint is an error.
+    keep_quantized: (a checkpoint with FP8 / FP4 tensors) keep them as stored in memory, dequantised at each
+        use (`v4lens.weights.at_rest`): about the checkpoint's size in memory, the same outputs bit for bit;
+        such weights cannot be edited in place.
     overrides: V4Config fields for a preset (e.g. `use_attn_result=True`).
     """
     check_seed(seed, "load")
     name = _model_name(name_or_path, preset)
     is_preset = name is not None and name in PRESETS and shipped_checkpoint(name) is None
+    if keep_quantized and is_preset:
+        raise ValueError(f"keep_quantized=True keeps a checkpoint's FP8 / FP4 tensors quantised; {name!r} is a preset "
+                         "(random-init weights, nothing quantised): pass a checkpoint folder")  # fmt: skip
     if draft != "preset" and not is_preset:
         raise ValueError(f"draft={draft!r} chooses a preset's draft module; {name or str(name_or_path)!r} is a "
                          "checkpoint, whose tensors decide its draft module (leave draft= out)")  # fmt: skip
     if name is not None and shipped_checkpoint(name) is not None:  # trained weights shipped in the package
         path = shipped_checkpoint(name)
-        model = load_checkpoint(path, device=device, dtype=dtype, max_memory=max_memory, **overrides)
+        model = load_checkpoint(path, device=device, dtype=dtype, max_memory=max_memory, keep_quantized=keep_quantized,
+                                **overrides)  # fmt: skip
     elif name is not None and name in PRESETS:
         if name in SHIPPED:
             warnings.warn(f"no trained {name} checkpoint is shipped in this install: random-init weights")
@@ -76,7 +84,8 @@ def load(
         model = build_empty(cfg, device, max_memory)
         init_weights(model, seed)
     elif name is None and Path(name_or_path).is_dir():
-        model = load_checkpoint(Path(name_or_path), device=device, dtype=dtype, max_memory=max_memory, **overrides)
+        model = load_checkpoint(Path(name_or_path), device=device, dtype=dtype, max_memory=max_memory,
+                                keep_quantized=keep_quantized, **overrides)  # fmt: skip
     else:
         raise ValueError(
             f"{name if name is not None else name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
@@ -175,8 +184,9 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, **overrides) -> HookedV4:
-    """Load a transformers-layout or official-layout directory, streaming tensor by tensor."""
+def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, keep_quantized=False, **overrides) -> HookedV4:
+    """Load a transformers-layout or official-layout directory, streaming tensor by tensor (FP8 / FP4 tensors
+    dequantised, or with keep_quantized kept as stored: `v4lens.weights.at_rest`)."""
     with Checkpoint(path) as ckpt:
         cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
         ckpt.check_draft(cfg)  # April MTP tensors with a DSpark config, or the other way round: before allocating
@@ -184,8 +194,14 @@ def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, **over
             kind = "its DSpark drafter" if cfg.draft == "dspark" else "MTP"
             warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without {kind}")
             cfg = cfg.without_draft()
-        model = build_empty(cfg, device, max_memory)
-        load_tensors(model, ckpt)
+        if keep_quantized:
+            from .at_rest import build_quantized
+
+            model, read = build_quantized(cfg, ckpt, device, max_memory)
+            load_tensors(model, ckpt, already_read=read)
+        else:
+            model = build_empty(cfg, device, max_memory)
+            load_tensors(model, ckpt)
     return model
 
 
@@ -194,10 +210,11 @@ def _stored_name(name: str, dspark_stages: int) -> str:
     return official_name(name, dspark_stages=dspark_stages).replace(".experts.w", ".experts.{e}.w")
 
 
-def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
+def load_tensors(model: HookedV4, ckpt: Checkpoint, already_read: frozenset | set = frozenset()) -> None:
     """Copy every checkpoint tensor into its v4lens parameter; error on missing, extra or mis-shaped ones.
 
-    The `mtp.*` tensors are read as the model's draft module: April MTP blocks, or DSpark stages and heads."""
+    The `mtp.*` tensors are read as the model's draft module: April MTP blocks, or DSpark stages and heads.
+    already_read: stored keys whose parameters hold them already (kept quantised): matched, not read."""
     cfg = model.cfg
     stages = cfg.n_mtp_layers if cfg.draft == "dspark" else 0
     targets = dict(model.named_parameters())
@@ -214,17 +231,19 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint) -> None:
             unexpected.append(key)
             continue
         dst = targets[target_name]
+        shape = tuple(dst.shape)
         if expert is not None:
             if dst.ndim != 3 or expert >= dst.shape[0]:
                 raise ValueError(f"checkpoint tensor {key}: expert {expert} does not exist in {target_name}")
-            dst = dst[expert]
+            shape = shape[1:]
             expert_rows.setdefault(target_name, set()).add(expert)
-        if ckpt.shape(key) != tuple(dst.shape):
+        if ckpt.shape(key) != shape:
             raise ValueError(
                 f"checkpoint tensor {key} has shape {ckpt.shape(key)} but v4lens {target_name}"
-                f"{'' if expert is None else f'[{expert}]'} expects {tuple(dst.shape)}"
+                f"{'' if expert is None else f'[{expert}]'} expects {shape}"
             )
-        reads.append((key, dst))
+        if key not in already_read:  # detached: no autograd view bookkeeping (load may run under no_grad)
+            reads.append((key, dst.detach() if expert is None else dst.detach()[expert]))
         if expert is None:
             filled.add(target_name)
     for name, rows in expert_rows.items():

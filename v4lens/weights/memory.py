@@ -94,7 +94,8 @@ def estimated_bytes(cfg: V4Config) -> int:
 def model_bytes(model: torch.nn.Module) -> int:
     """The exact bytes of a model's parameters and buffers (works on the meta device)."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    # a weight kept quantised (weights.at_rest) takes what it stores, not its logical size
+    return sum(t.stored_bytes() if hasattr(t, "stored_bytes") else t.numel() * t.element_size() for t in tensors)
 
 
 def check_memory(cfg: V4Config, device=None, max_memory=None, nbytes: int | None = None) -> None:

@@ -92,9 +92,18 @@ def layout_tensors(
     """v4lens names -> (name in `format`, tensor), one tensor per expert. dspark_stages: the model's DSpark
     stage count (0: not DSpark), which places the drafter's heads on its last stage."""
     for name, t in state.items():
-        rows = enumerate(t) if _STACKED_EXPERTS.search(name) else [(None, t)]
-        for expert, value in rows:
+        stacked = _STACKED_EXPERTS.search(name)
+        kept = getattr(t, "stored_tensors", None)  # a weight kept quantised (weights.at_rest)
+        for expert in range(t.shape[0]) if stacked else [None]:
             key = official_name(name, expert, dspark_stages)
+            if kept is not None and format == "official":  # written back as it was read: data and scale
+                q, s = kept()
+                yield key, (q if expert is None else q[expert])
+                yield key.removesuffix(".weight") + ".scale", (s if expert is None else s[expert])
+                continue
+            value = t if expert is None else t[expert]  # one expert at a time (dequantised if kept quantised)
+            if kept is not None and expert is None:
+                value = t.dequantize()
             if name.endswith("tid2eid"):  # official: int32; transformers writes its int64 buffer
                 value = value.to(torch.int32 if format == "official" else torch.int64)
             yield (hf_saved_name(key) if format == "hf" else key), value
