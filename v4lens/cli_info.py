@@ -97,8 +97,8 @@ def memory(cfg, max_memory: str | None) -> None:
     for mode, what in (("fp32", "fp32 (fp32 islands kept)"), ("bf16", "bf16 (as v4lens.load builds it)"),
                        ("stored", "as stored (FP8 matrices, FP4 experts, scales)")):  # fmt: skip
         print(f"  {what}: {wb.total(mode) / 1e9:,.1f} GB = {wb.experts[mode] / 1e9:,.1f} + {wb.other[mode] / 1e9:,.1f}")
-    print("(a plan from the config: v4lens.load keeps weights as stored with keep_quantized=True, on one device; "
-          "placing a model over several devices is not implemented yet)")
+    print("(a plan from the config; v4lens.load(path, keep_quantized=True, device_map='auto', max_memory={...}) "
+          "places a model this way)")
     machines = {"--max-memory": parse_max_memory(max_memory)} if max_memory else REFERENCE_MACHINES
     for label, budget in machines.items():
         for mode in ("stored", "bf16"):

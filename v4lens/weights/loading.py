@@ -39,7 +39,7 @@ def shipped_checkpoint(name: str) -> Path | None:
 def load(
     name_or_path: str | Path | None = None, device=None, dtype=None, seed: int = 0, *,
     preset: str | None = None, max_memory: int | str | None = None, draft: str | None = "preset",
-    keep_quantized: bool = False, **overrides,
+    keep_quantized: bool = False, device_map=None, offload_folder=None, **overrides,
 ) -> HookedV4:  # fmt: skip
     """A model in eval mode.
 
@@ -62,9 +62,23 @@ def load(
     keep_quantized: (a checkpoint with FP8 / FP4 tensors) keep them as stored in memory, dequantised at each
         use (`v4lens.weights.at_rest`): about the checkpoint's size in memory, the same outputs bit for bit;
         such weights cannot be edited in place.
+    device_map: place the model over devices with accelerate ("auto" with max_memory={device: budget}, or
+        {module: device} with devices "cpu", "cuda:i", "disk"); offload_folder: where "disk" blocks go. The
+        model is loaded on the CPU first, then placed (`v4lens.weights.dispatch`).
     overrides: V4Config fields for a preset (e.g. `use_attn_result=True`).
     """
     check_seed(seed, "load")
+    if device_map is not None or offload_folder is not None:
+        from .dispatch import dispatch
+
+        if device_map is None:
+            raise ValueError("offload_folder goes with device_map (the blocks it maps to 'disk')")
+        if device not in (None, "cpu") and device != torch.device("cpu"):
+            raise ValueError(f"device={device!r} and device_map: give the devices in device_map only")
+        budget = max_memory if not isinstance(max_memory, dict) else None
+        model = load(name_or_path, None, dtype, seed, preset=preset, max_memory=budget, draft=draft,
+                     keep_quantized=keep_quantized, **overrides)  # fmt: skip
+        return dispatch(model, device_map, offload_folder, max_memory).eval()
     name = _model_name(name_or_path, preset)
     is_preset = name is not None and name in PRESETS and shipped_checkpoint(name) is None
     if keep_quantized and is_preset:

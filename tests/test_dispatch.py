@@ -1,0 +1,95 @@
+"""Placing a model over devices with accelerate (`load(..., device_map=...)`): blocks on other devices or on
+disk give the resident model's logits, hooks, decoding and drafts; bad maps are refused before anything moves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import v4lens
+from v4lens.model.kv_cache import V4KVCache
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+SMALL = {"d_vocab": 512, "dspark_noise_token_id": 7}
+
+
+def _map(name: str, disk=(1, 2)) -> dict:
+    n_layers = 4
+    out = {"embed": "cpu", "hc_head": "cpu", "ln_final": "cpu", "head": "cpu"}
+    out |= {f"blocks.{i}": "disk" if i in disk else "cpu" for i in range(n_layers)}
+    out |= {"dspark": "cpu"} if name == "tiny-dspark" else {"mtp": "cpu"}
+    return out
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-dspark"])
+def test_blocks_on_disk_give_the_resident_models_outputs(name, tmp_path):
+    ref = v4lens.load(name, **SMALL)
+    placed = v4lens.load(name, device_map=_map(name), offload_folder=tmp_path / "offload", **SMALL)
+    assert placed.blocks[1].attn.wq_a.is_meta and not placed.blocks[0].attn.wq_a.is_meta  # on disk until used
+    tokens = torch.randint(0, 512, (2, 11), generator=torch.Generator().manual_seed(0))
+    extra = {"draft": True} if name == "tiny-dspark" else {"mtp": True}
+    with torch.no_grad():
+        (a, a_draft), cache_a = ref.run_with_cache(tokens, **extra)
+        (b, b_draft), cache_b = placed.run_with_cache(tokens, **extra)
+    assert torch.equal(a, b) and set(cache_a.keys()) == set(cache_b.keys())
+    assert all(torch.equal(cache_a[k], cache_b[k]) for k in cache_a)
+    if name == "tiny-dspark":
+        assert torch.equal(a_draft.tokens, b_draft.tokens) and torch.equal(a_draft.logits, b_draft.logits)
+    with torch.no_grad():
+        chunked = []
+        for model in (ref, placed):
+            kv = V4KVCache()
+            chunked.append(torch.cat([model(tokens[:, :4], past_kv_cache=kv), model(tokens[:, 4:], past_kv_cache=kv)], 1))
+    assert torch.equal(*chunked)
+    prompt = tokens[:1, :5]
+    assert torch.equal(ref.generate(prompt, 6, stop_at_eos=False).tokens, placed.generate(prompt, 6, stop_at_eos=False).tokens)
+    assert placed.blocks[1].attn.wq_a.is_meta  # and back on disk
+
+
+def test_auto_places_by_budget(tmp_path):
+    placed = v4lens.load("tiny", device_map="auto", max_memory={"cpu": "1GB"}, **SMALL)
+    assert set(placed.v4lens_device_map.values()) == {"cpu"}
+    tokens = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(placed(tokens), v4lens.load("tiny", **SMALL)(tokens))
+    squeezed = v4lens.load("tiny", device_map="auto", max_memory={"cpu": "700KB", "disk": "1GB"},
+                           offload_folder=tmp_path / "o", **SMALL)  # fmt: skip
+    assert "disk" in squeezed.v4lens_device_map.values() and squeezed.v4lens_device_map["head"] == "cpu"
+    with torch.no_grad():
+        assert torch.equal(squeezed(tokens), v4lens.load("tiny", **SMALL)(tokens))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"blocks.9": "cpu"}, "not a module"),
+    ({"blocks.0": "gpu"}, "not a device"),
+    ({"head": "disk"}, "must share one device"),
+    ({"mtp": "disk"}, "cannot go to 'disk'"),
+])  # fmt: skip
+def test_a_malformed_map_is_refused_before_anything_moves(change, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        v4lens.load("tiny", device_map=_map("tiny") | change, offload_folder=tmp_path, **SMALL)
+    incomplete = {k: v for k, v in _map("tiny").items() if k != "blocks.3"}
+    with pytest.raises(ValueError, match="does not place blocks.3"):
+        v4lens.load("tiny", device_map=incomplete, offload_folder=tmp_path, **SMALL)
+    with pytest.raises(ValueError, match="offload_folder"):
+        v4lens.load("tiny", device_map=_map("tiny"), **SMALL)
+    with pytest.raises(ValueError, match="max_memory"):
+        v4lens.load("tiny", device_map="auto", **SMALL)
+    with pytest.raises(ValueError, match="cannot be placed whole"):
+        v4lens.load("tiny", device_map="auto", max_memory={"cpu": "10KB"}, **SMALL)
+
+
+def test_weights_kept_quantised_are_placed_whole_and_refuse_disk(tmp_path):
+    from test_at_rest import _quantised_checkpoint
+
+    from v4lens.weights.at_rest import QuantizedWeight
+
+    path, _ = _quantised_checkpoint(tmp_path, "tiny")
+    everything_on_cpu = {k: "cpu" for k in _map("tiny")}
+    placed = v4lens.load(path, keep_quantized=True, device_map=everything_on_cpu)
+    assert isinstance(placed.blocks[1].mlp.experts.w1, QuantizedWeight)
+    tokens = torch.randint(0, 512, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(placed(tokens), v4lens.load(path)(tokens))
+    with pytest.raises(ValueError, match="kept quantised"):
+        v4lens.load(path, keep_quantized=True, device_map=_map("tiny"), offload_folder=tmp_path / "o")

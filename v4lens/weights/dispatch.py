@@ -1,0 +1,116 @@
+"""Placing a loaded model over devices with accelerate: `load(..., device_map=..., offload_folder=...)`.
+
+accelerate's big-model machinery does the work (`dispatch_model`): each block runs on its device and
+its inputs are moved there (activations cross devices as the forward does); a block mapped to
+"disk" is written to `offload_folder` and its weights are read back for its forward only, then
+dropped (accelerate's `AlignDevicesHook` with the whole block preloaded). Hooks fire on the device
+of their block; the decoding cache keeps each layer's state on its layer's device.
+
+The device map names top modules: `embed`, `blocks.{i}`, `hc_head`, `ln_final`, `head`, `mtp.{j}`,
+`dspark` or `dspark.stages.{s}` plus the drafter's own tensors (`dspark.main_proj`, ...); a prefix
+covers what is below it (`"blocks"` for every block). Values: "cpu", "cuda:i" (or i), "disk". What
+the model reads outside a block's forward — the embedding, the head and its final norm and collapse,
+MTP blocks, the drafter's own tensors — must sit on one real device (the main device, where the
+input tokens go); only main blocks and DSpark stages may go to disk. "auto" plans the map with
+accelerate's `infer_auto_device_map` on per-device budgets (`max_memory={0: "80GB", "cpu": "200GB"}`).
+
+The model is loaded first (in host memory: with `keep_quantized=True` that is the checkpoint's size),
+then placed; blocks kept quantised cannot go to disk yet.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+_DEVICE = re.compile(r"cpu|disk|cuda(:\d+)?|\d+")
+# read by HookedV4 outside any block's forward: must share the main device
+_MAIN = ("embed", "hc_head", "ln_final", "head")
+_PRELOADED = ["Block", "MTPBlock", "DSparkStage"]  # accelerate loads a whole one of these for its forward
+
+
+def normalize_device_map(model, device_map: dict) -> dict[str, str | int]:
+    """Check a {module prefix: device} map against `model` -> {module: device} covering every tensor once.
+    Errors name the module or device at fault; nothing is moved."""
+    if not isinstance(device_map, dict) or not device_map:
+        raise TypeError(f"device_map must be 'auto' or a non-empty dict {{module: device}}, got {device_map!r}")
+    out = {}
+    modules = dict(model.named_modules())
+    for name, device in device_map.items():
+        if not isinstance(name, str) or name not in modules or name == "":
+            raise ValueError(f"device_map: {name!r} is not a module of the model (e.g. 'embed', 'blocks.3', 'head')")
+        if isinstance(device, bool) or not _DEVICE.fullmatch(str(device)):
+            raise ValueError(f"device_map[{name!r}]: {device!r} is not a device ('cpu', 'cuda:0' or 0, 'disk')")
+        out[name] = int(device) if str(device).isdigit() else ("cuda:0" if device == "cuda" else device)
+    covered: dict[str, str] = {}
+    for tensor_name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        owners = [m for m in out if tensor_name.startswith(m + ".")]
+        if not owners:
+            raise ValueError(f"device_map does not place {tensor_name} (add its module, e.g. "
+                             f"{tensor_name.rsplit('.', 1)[0]!r} or a prefix of it)")  # fmt: skip
+        if len(owners) > 1:
+            raise ValueError(f"device_map places {tensor_name} twice: {owners}")
+        covered[tensor_name] = owners[0]
+    main = {out[covered[n]] for n, _ in model.named_parameters() if n.split(".")[0] in _MAIN}
+    if len(main) != 1 or "disk" in main:
+        raise ValueError(f"device_map: embed, hc_head, ln_final and head must share one device that is not 'disk' "
+                         f"(the model reads them outside any block), got {sorted(map(str, main))}")  # fmt: skip
+    for tensor_name, owner in covered.items():
+        if out[owner] == "disk" and not re.match(r"(blocks|dspark\.stages)\.\d+\.", tensor_name):
+            raise ValueError(f"device_map: {owner!r} cannot go to 'disk' ({tensor_name} is read outside a block's "
+                             "forward); only main blocks and DSpark stages can")  # fmt: skip
+    return out
+
+
+def dispatch(model, device_map, offload_folder=None, max_memory=None):
+    """Place `model` (loaded, on the CPU) by `device_map` ("auto" or a dict, see the module docstring)."""
+    from accelerate import dispatch_model
+    from accelerate.utils import offload_state_dict, set_module_tensor_to_device
+
+    if device_map == "auto":
+        device_map = auto_device_map(model, max_memory)
+    elif max_memory is not None and isinstance(max_memory, dict):
+        raise ValueError("max_memory as a per-device dict goes with device_map='auto'")
+    device_map = normalize_device_map(model, device_map)
+    disk = [m for m, d in device_map.items() if d == "disk"]
+    if disk and offload_folder is None:
+        raise ValueError(f"device_map sends {disk[:3]} to 'disk': give offload_folder= (a directory for their weights)")
+    # parameters only: buffers (hash tables) stay in memory, where accelerate moves them for the forward
+    on_disk = {n: t for n, t in model.named_parameters() if any(n.startswith(m + ".") for m in disk)}
+    if any(hasattr(t, "stored_tensors") for t in on_disk.values()):
+        raise ValueError("blocks kept quantised (keep_quantized=True) cannot be offloaded to disk yet; place them on a "
+                         "device, or load without keep_quantized")  # fmt: skip
+    if on_disk:
+        Path(offload_folder).mkdir(parents=True, exist_ok=True)
+        offload_state_dict(str(offload_folder), {n: t.detach() for n, t in on_disk.items()})
+        for n in on_disk:
+            set_module_tensor_to_device(model, n, "meta")
+    main = device_map["embed"] if "embed" in device_map else next(d for m, d in device_map.items() if m in _MAIN)
+    dispatch_model(model, device_map=device_map, main_device=main, offload_dir=str(offload_folder) if disk else None,
+                   preload_module_classes=_PRELOADED)  # fmt: skip
+    model.cfg.device = model.embed.weight.device  # the main device: where input tokens go
+    model.v4lens_device_map = dict(device_map)
+    return model
+
+
+def auto_device_map(model, max_memory) -> dict:
+    """accelerate's plan over `max_memory` ({device: bytes or "80GB"}), whole blocks, the main modules together."""
+    from .placement import plan_placement
+
+    if not isinstance(max_memory, dict):
+        raise ValueError("device_map='auto' needs max_memory={device: budget}, e.g. {0: '80GB', 'cpu': '200GB'}")
+    kept = any(hasattr(p, "stored_tensors") for p in model.parameters())
+    mode = "stored" if kept else ("fp32" if model.cfg.dtype == torch.float32 else "bf16")
+    plan = plan_placement(model.cfg, max_memory, mode).device_map
+    if "" in plan:  # everything fits the first device
+        plan = {name: plan[""] for name, child in model.named_children() if any(True for _ in child.parameters())}
+    main = plan.get("embed", "cpu")
+    for name in _MAIN:  # the head and its norm go where the embedding is
+        plan[name] = main
+    drafter = [m for m in plan if m == "mtp" or m.startswith(("mtp.", "dspark"))]
+    for m in drafter:
+        if plan[m] == "disk" and not m.startswith("dspark.stages."):
+            plan[m] = main
+    return {m: d for m, d in plan.items() if m in dict(model.named_modules())}
