@@ -93,3 +93,66 @@ def test_weights_kept_quantised_are_placed_whole_and_refuse_disk(tmp_path):
         assert torch.equal(placed(tokens), v4lens.load(path)(tokens))
     with pytest.raises(ValueError, match="kept quantised"):
         v4lens.load(path, keep_quantized=True, device_map=_map("tiny"), offload_folder=tmp_path / "o")
+
+
+@pytest.mark.parametrize("format", ["official", "hf"])
+def test_a_checkpoint_loads_straight_into_its_placement(format, tmp_path):
+    v4lens.load("tiny-dspark", **SMALL).save_pretrained(tmp_path / "ckpt", format=format)
+    ref = v4lens.load(tmp_path / "ckpt")
+    placed = v4lens.load(tmp_path / "ckpt", device_map=_map("tiny-dspark", disk=(0, 3)), offload_folder=tmp_path / "o")
+    assert placed.blocks[0].attn.wq_a.is_meta and (tmp_path / "o" / "index.json").exists()
+    tokens = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        (a, da), (b, db) = ref(tokens, draft=True), placed(tokens, draft=True)
+    assert torch.equal(a, b) and torch.equal(da.logits, db.logits)
+    broken = tmp_path / "broken"  # a bad checkpoint fails before anything is written to the offload folder
+    v4lens.load("tiny", **SMALL).save_pretrained(broken, format=format)
+    with pytest.raises(ValueError):
+        v4lens.load(broken, d_model=32, device_map=_map("tiny"), offload_folder=tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
+_PEAK = """
+import json, sys, torch, v4lens
+torch.set_num_threads(1)
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+path, mode, folder = sys.argv[1], sys.argv[2], sys.argv[3]
+before = rss("VmRSS:")
+if mode == "disk":
+    device_map = {"embed": "cpu", "hc_head": "cpu", "ln_final": "cpu", "head": "cpu"}
+    device_map |= {f"blocks.{i}": "disk" for i in range(4)}
+    model = v4lens.load(path, device_map=device_map, offload_folder=folder)
+else:
+    model = v4lens.load(path)
+with torch.no_grad():
+    logits = model(torch.arange(1, 9)[None] % 512)
+print(json.dumps({"peak": rss("VmHWM:") - before, "sum": float(logits.double().sum())}))
+"""
+
+
+def test_blocks_on_disk_bound_the_memory(tmp_path):
+    """Four 50 MB blocks (32 experts of width 512, fp32), no draft module: loaded straight to disk, the
+    process's peak grows by about two blocks (one read back, its file pages while it is copied) plus the small
+    main modules, not by the whole model, and the logits are the resident ones."""
+    import json
+    import subprocess
+    import sys
+
+    big = dict(SMALL, d_model=256, moe_inter_dim=512, n_routed_experts=32, n_mtp_layers=0, compress_ratios=(0, 4, 6, 4))
+    model = v4lens.load("tiny", **big)
+    block = sum(p.numel() * p.element_size() for p in model.blocks[1].parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.save_pretrained(tmp_path / "ckpt", format="official")
+    del model
+    runs = {}
+    for mode in ("resident", "disk"):
+        out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path / "ckpt"), mode, str(tmp_path / "o")],
+                             capture_output=True, text=True, timeout=300, check=True)  # fmt: skip
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert runs["disk"]["sum"] == runs["resident"]["sum"]
+    assert block > 40e6 and runs["resident"]["peak"] > 0.9 * total
+    assert runs["disk"]["peak"] < 2.5 * block + 60e6, (runs, block, total)  # 60 MB: torch's own first-use allocations
+    assert runs["disk"]["peak"] < runs["resident"]["peak"] - 1.5 * block

@@ -14,12 +14,14 @@ MTP blocks, the drafter's own tensors — must sit on one real device (the main 
 input tokens go); only main blocks and DSpark stages may go to disk. "auto" plans the map with
 accelerate's `infer_auto_device_map` on per-device budgets (`max_memory={0: "80GB", "cpu": "200GB"}`).
 
-The model is loaded first (in host memory: with `keep_quantized=True` that is the checkpoint's size),
-then placed; blocks kept quantised cannot go to disk yet.
+A checkpoint folder is read straight into its placement (`load_placed`: one module in memory at a time);
+a preset, or a model loaded with `keep_quantized=True`, is built in host memory first, then placed
+(`dispatch`); blocks kept quantised cannot go to disk yet.
 """
 
 from __future__ import annotations
 
+import ctypes
 import re
 from pathlib import Path
 
@@ -64,11 +66,7 @@ def normalize_device_map(model, device_map: dict) -> dict[str, str | int]:
     return out
 
 
-def dispatch(model, device_map, offload_folder=None, max_memory=None):
-    """Place `model` (loaded, on the CPU) by `device_map` ("auto" or a dict, see the module docstring)."""
-    from accelerate import dispatch_model
-    from accelerate.utils import offload_state_dict, set_module_tensor_to_device
-
+def _checked_map(model, device_map, offload_folder, max_memory) -> dict:
     if device_map == "auto":
         device_map = auto_device_map(model, max_memory)
     elif max_memory is not None and isinstance(max_memory, dict):
@@ -77,6 +75,59 @@ def dispatch(model, device_map, offload_folder=None, max_memory=None):
     disk = [m for m, d in device_map.items() if d == "disk"]
     if disk and offload_folder is None:
         raise ValueError(f"device_map sends {disk[:3]} to 'disk': give offload_folder= (a directory for their weights)")
+    return device_map
+
+
+def load_placed(path: Path, device_map, offload_folder=None, dtype=None, max_memory=None, **overrides):
+    """A checkpoint folder read straight into its placement: the whole checkpoint is matched and checked first,
+    then each mapped module is filled on the CPU and moved to its device, or written to `offload_folder` and
+    dropped — so a model larger than memory loads with one module in memory at a time."""
+    from accelerate.utils import offload_weight, save_offload_index, set_module_tensor_to_device
+
+    from ..model import HookedV4
+    from .checkpoint import Checkpoint
+    from .loading import checkpoint_config, load_tensors
+
+    with Checkpoint(path) as ckpt:
+        cfg = checkpoint_config(ckpt, dtype, None, overrides)
+        with torch.device("meta"):
+            model = HookedV4(cfg)
+        device_map = _checked_map(model, device_map, offload_folder, max_memory)
+        load_tensors(model, ckpt, dry_run=True)  # every error before anything is read or written
+        index: dict = {}
+        for name, device in device_map.items():
+            module = model.get_submodule(name)
+            module.to_empty(device="cpu")
+            load_tensors(model, ckpt, only=name)
+            if device == "disk":
+                Path(offload_folder).mkdir(parents=True, exist_ok=True)
+                for pname, p in list(module.named_parameters()):
+                    index = offload_weight(p.detach(), f"{name}.{pname}", str(offload_folder), index=index)
+                    set_module_tensor_to_device(model, f"{name}.{pname}", "meta")
+                del p
+                _give_back_freed_memory()
+            else:
+                module.to(device)
+        if index:
+            save_offload_index(index, str(offload_folder))
+    return _dispatch(model, device_map, offload_folder)
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps freed heap pages of tensors below its mmap threshold (which grows to 32 MB after large
+    frees): without this, each block written to disk would leave its memory resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def dispatch(model, device_map, offload_folder=None, max_memory=None):
+    """Place `model` (loaded, on the CPU) by `device_map` ("auto" or a dict, see the module docstring)."""
+    from accelerate.utils import offload_state_dict, set_module_tensor_to_device
+
+    device_map = _checked_map(model, device_map, offload_folder, max_memory)
+    disk = [m for m, d in device_map.items() if d == "disk"]
     # parameters only: buffers (hash tables) stay in memory, where accelerate moves them for the forward
     on_disk = {n: t for n, t in model.named_parameters() if any(n.startswith(m + ".") for m in disk)}
     if any(hasattr(t, "stored_tensors") for t in on_disk.values()):
@@ -87,9 +138,19 @@ def dispatch(model, device_map, offload_folder=None, max_memory=None):
         offload_state_dict(str(offload_folder), {n: t.detach() for n, t in on_disk.items()})
         for n in on_disk:
             set_module_tensor_to_device(model, n, "meta")
+    return _dispatch(model, device_map, offload_folder)
+
+
+def _dispatch(model, device_map: dict, offload_folder):
+    """accelerate's hooks on a model whose modules sit where `device_map` says (disk ones in offload_folder)."""
+    from accelerate import dispatch_model
+
+    disk = [m for m, d in device_map.items() if d == "disk"]
     main = device_map["embed"] if "embed" in device_map else next(d for m, d in device_map.items() if m in _MAIN)
     dispatch_model(model, device_map=device_map, main_device=main, offload_dir=str(offload_folder) if disk else None,
                    preload_module_classes=_PRELOADED)  # fmt: skip
+    for name in disk:  # after accelerate has dropped the block's weights again (its hook wraps forward)
+        model.get_submodule(name).register_forward_hook(lambda *_: _give_back_freed_memory())
     model.cfg.device = model.embed.weight.device  # the main device: where input tokens go
     model.v4lens_device_map = dict(device_map)
     return model

@@ -75,6 +75,11 @@ def load(
             raise ValueError("offload_folder goes with device_map (the blocks it maps to 'disk')")
         if device not in (None, "cpu") and device != torch.device("cpu"):
             raise ValueError(f"device={device!r} and device_map: give the devices in device_map only")
+        folder = name_or_path is not None and _model_name(name_or_path, preset) is None
+        if folder and not keep_quantized:  # read straight into the placement, one module at a time
+            from .dispatch import load_placed
+
+            return load_placed(Path(name_or_path), device_map, offload_folder, dtype, max_memory, **overrides).eval()
         budget = max_memory if not isinstance(max_memory, dict) else None
         model = load(name_or_path, None, dtype, seed, preset=preset, max_memory=budget, draft=draft,
                      keep_quantized=keep_quantized, **overrides)  # fmt: skip
@@ -202,12 +207,7 @@ def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, keep_q
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor (FP8 / FP4 tensors
     dequantised, or with keep_quantized kept as stored: `v4lens.weights.at_rest`)."""
     with Checkpoint(path) as ckpt:
-        cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
-        ckpt.check_draft(cfg)  # April MTP tensors with a DSpark config, or the other way round: before allocating
-        if cfg.n_mtp_layers and not ckpt.has_mtp():
-            kind = "its DSpark drafter" if cfg.draft == "dspark" else "MTP"
-            warnings.warn(f"{path} has no mtp.* tensors (transformers drops them): building the model without {kind}")
-            cfg = cfg.without_draft()
+        cfg = checkpoint_config(ckpt, dtype, device, overrides)
         if keep_quantized:
             from .at_rest import build_quantized
 
@@ -219,16 +219,31 @@ def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, keep_q
     return model
 
 
+def checkpoint_config(ckpt: Checkpoint, dtype, device, overrides: dict) -> V4Config:
+    """The model config of an open checkpoint: its config.json with `overrides`, checked against its draft
+    tensors; without mtp.* tensors (transformers drops them) the draft module is left out, with a warning."""
+    cfg = ckpt.config(dtype=resolve_dtype(dtype), device=device, **overrides)
+    ckpt.check_draft(cfg)  # April MTP tensors with a DSpark config, or the other way round: before allocating
+    if cfg.n_mtp_layers and not ckpt.has_mtp():
+        kind = "its DSpark drafter" if cfg.draft == "dspark" else "MTP"
+        warnings.warn(f"{ckpt.path} has no mtp.* tensors (transformers drops them): building the model without {kind}")
+        cfg = cfg.without_draft()
+    return cfg
+
+
 def _stored_name(name: str, dspark_stages: int) -> str:
     """The official (and transformers-layout) name of a DSpark tensor; `{e}` for each expert of a stacked one."""
     return official_name(name, dspark_stages=dspark_stages).replace(".experts.w", ".experts.{e}.w")
 
 
-def load_tensors(model: HookedV4, ckpt: Checkpoint, already_read: frozenset | set = frozenset()) -> None:
+def load_tensors(model: HookedV4, ckpt: Checkpoint, already_read: frozenset | set = frozenset(), *,
+                 only: str | None = None, dry_run: bool = False) -> None:  # fmt: skip
     """Copy every checkpoint tensor into its v4lens parameter; error on missing, extra or mis-shaped ones.
 
     The `mtp.*` tensors are read as the model's draft module: April MTP blocks, or DSpark stages and heads.
-    already_read: stored keys whose parameters hold them already (kept quantised): matched, not read."""
+    already_read: stored keys whose parameters hold them already (kept quantised): matched, not read.
+    only: read just the tensors of this module (a name prefix; the rest of the model may be on meta);
+    dry_run: match and check everything, read nothing (the model may be on meta)."""
     cfg = model.cfg
     stages = cfg.n_mtp_layers if cfg.draft == "dspark" else 0
     targets = dict(model.named_parameters())
@@ -237,10 +252,14 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint, already_read: frozenset | se
     expert_rows: dict[str, set[int]] = {}
     unexpected = []
     reads: list[tuple[str, torch.Tensor]] = []  # everything is matched and checked before any data is read
+    if only is not None:
+        targets = {n: t for n, t in targets.items() if n.startswith(only + ".")}
     for key in ckpt.keys:
         target_name, expert = canonical_name(key, with_expert=True, dspark_stages=stages)
         if target_name is None:
             continue  # tensors v4lens deliberately ignores (e.g. mtp.*.embed)
+        if only is not None and not (target_name or "").startswith(only + "."):
+            continue  # another module's (a dry run over the whole model has checked them)
         if target_name not in targets:
             unexpected.append(key)
             continue
@@ -277,6 +296,8 @@ def load_tensors(model: HookedV4, ckpt: Checkpoint, already_read: frozenset | se
         if unexpected:
             parts.append(f"unexpected tensors {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}")
         raise ValueError("checkpoint does not match the model: " + "; ".join(parts))
+    if dry_run:
+        return
     # file reads and torch copies release the GIL: a few threads keep the disk / page cache busy
     reads.sort(key=lambda kv: -kv[1].numel())
     with ThreadPoolExecutor(max_workers=4) as pool:
