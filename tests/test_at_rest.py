@@ -72,6 +72,10 @@ def test_outputs_hooks_and_decoding_are_bit_identical(checkpoint, dtype):
             kv = V4KVCache()
             chunked.append(torch.cat([model(tokens[:, :7], past_kv_cache=kv), model(tokens[:, 7:], past_kv_cache=kv)], 1))
     assert torch.equal(*chunked)
+    with torch.inference_mode():  # views and experts of a kept weight inside inference mode, with a cache
+        kv = V4KVCache()
+        assert torch.equal(torch.cat([kept(tokens[:, :7], past_kv_cache=kv), kept(tokens[:, 7:], past_kv_cache=kv)], 1),
+                           chunked[1])  # fmt: skip
 
 
 def test_memory_is_the_stored_size_and_nothing_dense_is_kept(checkpoint):

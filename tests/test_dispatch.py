@@ -44,6 +44,10 @@ def test_blocks_on_disk_give_the_resident_models_outputs(name, tmp_path):
     prompt = tokens[:1, :5]
     assert torch.equal(ref.generate(prompt, 6, stop_at_eos=False).tokens, placed.generate(prompt, 6, stop_at_eos=False).tokens)
     assert placed.blocks[1].attn.wq_a.is_meta  # and back on disk
+    with torch.inference_mode():  # the blocks read back inside inference mode: decoding works there too
+        kv = V4KVCache()
+        assert torch.equal(torch.cat([placed(tokens[:, :4], past_kv_cache=kv), placed(tokens[:, 4:], past_kv_cache=kv)], 1),
+                           chunked[0])  # fmt: skip
 
 
 def test_auto_places_by_budget(tmp_path):

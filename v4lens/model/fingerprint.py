@@ -53,7 +53,9 @@ def weights_versions(model) -> tuple:
     # parameters() + buffers() is cheaper than state_dict(); a non-persistent buffer that changes
     # only costs a recomputed fingerprint (which leaves it out)
     tensors = itertools.chain(model.parameters(), model.buffers())
-    return tuple((s.data_ptr(), s._version) for t in tensors for s in _stored(t))
+    # a weight made under torch.inference_mode (one accelerate reads back from disk inside a forward there)
+    # has no version counter, and cannot be edited in place outside inference mode anyway
+    return tuple((s.data_ptr(), -1 if s.is_inference() else s._version) for t in tensors for s in _stored(t))
 
 
 def weights_fingerprint(model) -> str:

@@ -16,6 +16,7 @@ edit weights. `.to(device)` moves the stored tensors; `.to(dtype)` (or `.float()
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -71,7 +72,8 @@ class QuantizedWeight(torch.Tensor):
         if weight is not None:
             if func is aten.select.int and args[1] == 0 and weight.qdata.ndim == 3:  # one expert of a stack
                 e = args[2]
-                return dequantize(weight.qdata[e], weight.scale[e]).to(weight.dtype)
+                with _outside_inference_mode():
+                    return dequantize(weight.qdata[e], weight.scale[e]).to(weight.dtype)
             if func in (aten.detach.default, aten.alias.default):
                 return cls(weight.qdata, weight.scale, weight.dtype)
             if func is aten.clone.default:
@@ -89,7 +91,17 @@ class QuantizedWeight(torch.Tensor):
         def dense(t):
             return t.dequantize() if isinstance(t, cls) else t
 
+        returns = func._schema.returns
+        if returns and returns[0].alias_info is not None:  # a view op (w.view, w.t)
+            with _outside_inference_mode():
+                return func(*tree_map(dense, args), **tree_map(dense, kwargs))
         return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+
+
+def _outside_inference_mode():
+    """For results of view ops on a weight: autograd makes them views of the weight, sharing its version
+    counter, which a tensor made under torch.inference_mode cannot do; the temporary is made outside it."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------- loading
