@@ -184,3 +184,35 @@ def test_copies_and_moves_stay_quantised(checkpoint):
         assert torch.equal(twin(tokens), expected)
         moved = kept.to("cpu")
         assert isinstance(moved.blocks[1].mlp.experts.w3, QuantizedWeight) and torch.equal(moved(tokens), expected)
+
+
+def _dequantize_by_definition(weight, scale):
+    """values × their block's scale, in fp32, one element at a time (no broadcasting tricks)."""
+    from v4lens.weights.quant import FP4_VALUES
+
+    if weight.dtype == torch.int8:
+        b = weight.view(torch.uint8).long()
+        values = FP4_VALUES[torch.stack((b & 0xF, b >> 4), -1).flatten(-2)]
+    else:
+        values = weight.float()
+    block_rows, block_cols = (1, 32) if weight.dtype == torch.int8 else (128, 128)  # as DeepSeek ships them
+    rows, cols = torch.arange(values.shape[0]) // block_rows, torch.arange(values.shape[1]) // block_cols
+    return values * scale.float()[rows[:, None], cols[None, :]]
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp8-fp32-scale", "fp4"])
+def test_dequantisation_in_bf16_equals_fp32_then_bf16(kind):
+    """A weight kept quantised in a bf16 model is dequantised straight to bf16: with e8m0 scales every product
+    is exact in bf16, so it must equal the fp32 definition rounded to bf16, also at extreme scales and with
+    partial edge blocks."""
+    from v4lens.weights.quant import dequantize
+
+    g = torch.Generator().manual_seed(0)
+    shape = (300, 160) if kind != "fp4" else (37, 96)
+    w = torch.randn(shape, generator=g)
+    q, s = quantize_fp4(w) if kind == "fp4" else quantize_fp8(w, scale_format="fp32" if kind.endswith("scale") else "e8m0")
+    if s.dtype == torch.float8_e8m0fnu:  # powers of two from 2^-127 to 2^100
+        s = torch.exp2(torch.randint(-127, 100, s.shape, generator=g).float()).to(torch.float8_e8m0fnu)
+    exact = _dequantize_by_definition(q, s)
+    assert torch.equal(dequantize(q, s), exact)
+    assert torch.equal(dequantize(q, s, torch.bfloat16), exact.to(torch.bfloat16))

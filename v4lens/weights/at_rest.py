@@ -48,7 +48,7 @@ class QuantizedWeight(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense tensor (the model's dtype unless `dtype`), as loading without keep_quantized would hold it."""
-        return dequantize(self.qdata, self.scale).to(dtype or self.dtype)
+        return dequantize(self.qdata, self.scale, dtype or self.dtype)
 
     def stored_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(qdata, scale): what the checkpoint holds, and what memory accounting and fingerprints read."""
@@ -73,7 +73,7 @@ class QuantizedWeight(torch.Tensor):
             if func is aten.select.int and args[1] == 0 and weight.qdata.ndim == 3:  # one expert of a stack
                 e = args[2]
                 with _outside_inference_mode():
-                    return dequantize(weight.qdata[e], weight.scale[e]).to(weight.dtype)
+                    return dequantize(weight.qdata[e], weight.scale[e], weight.dtype)
             if func in (aten.detach.default, aten.alias.default):
                 return cls(weight.qdata, weight.scale, weight.dtype)
             if func is aten.clone.default:
