@@ -67,7 +67,7 @@ def test_auto_places_by_budget(tmp_path):
     ({"blocks.9": "cpu"}, "not a module"),
     ({"blocks.0": "gpu"}, "not a device"),
     ({"head": "disk"}, "must share one device"),
-    ({"mtp": "disk"}, "cannot go to 'disk'"),
+    ({"mtp": "disk"}, "must sit on the main device"),
 ])  # fmt: skip
 def test_a_malformed_map_is_refused_before_anything_moves(change, message, tmp_path):
     with pytest.raises(ValueError, match=message):

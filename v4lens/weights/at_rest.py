@@ -4,14 +4,14 @@
 FP4 routed expert (packed two per byte, 1×32 scales) of a checkpoint quantised in memory: the model
 then takes about the checkpoint's size instead of ×3.4 (bf16) or ×6.8 (fp32). Each such weight is a
 `QuantizedWeight`: a tensor of the logical shape and the model's dtype that holds no dense values.
-Any op that reads it gets the dense tensor, dequantised right then by the same routine loading uses
-(`quant.dequantize`, then a cast to the model's dtype) and dropped after the op; indexing one expert
+Any op that reads it gets the dense tensor, dequantised right then by the routine loading uses
+(`quant.dequantize`, straight to the model's dtype: the same values) and dropped after the op; indexing one expert
 of a stacked [E, out, in] tensor (`w1[e]`, what the MoE does) dequantises that expert only. So the
 model's code is unchanged and its outputs are bit-identical to the dequantised-on-load model's.
 
 What it refuses: in-place edits of a quantised weight (`w.mul_`, `copy_`, `load_state_dict` into it)
 raise — an edit would land in a temporary dense copy and be lost. Load without keep_quantized to
-edit weights. `.to(device)` moves the stored tensors; `.to(dtype)` (or `.float()`) gives a dense tensor.
+edit weights. `.to(device)` moves the stored tensors; `.to(another dtype)` gives a dense tensor.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ The device map names top modules: `embed`, `blocks.{i}`, `hc_head`, `ln_final`, 
 covers what is below it (`"blocks"` for every block). Values: "cpu", "cuda:i" (or i), "disk". What
 the model reads outside a block's forward — the embedding, the head and its final norm and collapse,
 MTP blocks, the drafter's own tensors — must sit on one real device (the main device, where the
-input tokens go); only main blocks and DSpark stages may go to disk. "auto" plans the map with
+input tokens go); only main blocks and DSpark stages may go elsewhere (another device, the CPU, disk). "auto" plans the map with
 accelerate's `infer_auto_device_map` on per-device budgets (`max_memory={0: "80GB", "cpu": "200GB"}`).
 
 A checkpoint folder is read straight into its placement (`load_placed`: one module in memory at a time);
@@ -59,10 +59,12 @@ def normalize_device_map(model, device_map: dict) -> dict[str, str | int]:
     if len(main) != 1 or "disk" in main:
         raise ValueError(f"device_map: embed, hc_head, ln_final and head must share one device that is not 'disk' "
                          f"(the model reads them outside any block), got {sorted(map(str, main))}")  # fmt: skip
-    for tensor_name, owner in covered.items():
-        if out[owner] == "disk" and not re.match(r"(blocks|dspark\.stages)\.\d+\.", tensor_name):
-            raise ValueError(f"device_map: {owner!r} cannot go to 'disk' ({tensor_name} is read outside a block's "
-                             "forward); only main blocks and DSpark stages can")  # fmt: skip
+    (main,) = main
+    for tensor_name, owner in covered.items():  # MTP blocks and the drafter's heads are read outside a forward too
+        if out[owner] != main and not re.match(r"(blocks|dspark\.stages)\.\d+\.", tensor_name):
+            raise ValueError(f"device_map: {owner!r} must sit on the main device {main!r} with the embedding and head "
+                             f"({tensor_name} is read outside a block's forward); only main blocks and DSpark stages "
+                             "may go elsewhere")  # fmt: skip
     return out
 
 
@@ -170,8 +172,7 @@ def auto_device_map(model, max_memory) -> dict:
     main = plan.get("embed", "cpu")
     for name in _MAIN:  # the head and its norm go where the embedding is
         plan[name] = main
-    drafter = [m for m in plan if m == "mtp" or m.startswith(("mtp.", "dspark"))]
-    for m in drafter:
-        if plan[m] == "disk" and not m.startswith("dspark.stages."):
+    for m in plan:  # so do the MTP blocks and the drafter's own tensors (its stages may stay where planned)
+        if (m == "mtp" or m.startswith(("mtp.", "dspark"))) and not m.startswith("dspark.stages."):
             plan[m] = main
     return {m: d for m, d in plan.items() if m in dict(model.named_modules())}
