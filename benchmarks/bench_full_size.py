@@ -9,6 +9,8 @@ stay small) and no draft module. Each mode runs in its own fresh process:
 
 * resident bf16: `v4lens.load(path, dtype=bf16)` (dequantised on load);
 * as stored: `v4lens.load(path, dtype=bf16, keep_quantized=True)` (FP8 / FP4 in memory, dequantised at use);
+* experts from disk: `v4lens.load(path, dtype=bf16, keep_quantized=True, expert_offload="disk")` (each
+  expert the router picks read from the checkpoint's files, through a cache of `--expert-cache` bytes);
 * layers on disk: `v4lens.load(path, dtype=bf16, device_map={...: "disk"}, offload_folder=...)` (each
   layer read back from the offload folder for its own forward).
 
@@ -85,9 +87,10 @@ def make_checkpoint(path: Path, layers: int, experts: int, vocab: int, seed: int
 
 # ---------------------------------------------------------------------- one mode, in its own process
 def _rss(field: str) -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
     return 0
 
 
@@ -101,11 +104,15 @@ def worker(spec: dict) -> None:
     kwargs = {"dtype": torch.bfloat16}
     if spec["mode"] == "stored":
         kwargs["keep_quantized"] = True
+    elif spec["mode"] == "experts":
+        kwargs |= {"keep_quantized": True, "expert_offload": "disk", "expert_cache": spec["expert_cache"]}
     elif spec["mode"] == "disk":
         main = {m: spec["device"] for m in ("embed", "hc_head", "ln_final", "head")}
         kwargs |= {"device_map": main | {f"blocks.{i}": "disk" for i in range(spec["layers"])},
                    "offload_folder": spec["offload"]}  # fmt: skip
-    if spec["device"] != "cpu" and spec["mode"] != "disk":
+    if spec["device"] != "cpu" and spec["mode"] == "experts":
+        kwargs["device"] = spec["device"]
+    elif spec["device"] != "cpu" and spec["mode"] != "disk":
         kwargs["device_map"] = {m: spec["device"] for m in ("embed", "hc_head", "ln_final", "head", "blocks")}
     t0 = time.perf_counter()
     model = v4lens.load(spec["path"], **kwargs)
@@ -144,7 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/v4lens_full_size"))
-    p.add_argument("--modes", default="resident,stored,disk")
+    p.add_argument("--modes", default="resident,stored,experts,disk")
+    p.add_argument("--expert-cache", default="2GB", help="expert_offload's device cache in the 'experts' mode")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -170,7 +178,8 @@ def main(argv=None) -> int:
         offload = args.workdir / "offload"
         shutil.rmtree(offload, ignore_errors=True)
         spec = {"mode": mode, "path": str(ckpt), "layers": args.layers, "tokens": args.tokens, "repeat": args.repeat,
-                "threads": args.threads, "device": args.device, "offload": str(offload)}  # fmt: skip
+                "threads": args.threads, "device": args.device, "offload": str(offload),
+                "expert_cache": args.expert_cache}  # fmt: skip
         run = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                              capture_output=True, text=True, check=False)  # fmt: skip
         if run.returncode != 0:
@@ -180,11 +189,12 @@ def main(argv=None) -> int:
         shutil.rmtree(offload, ignore_errors=True)
 
     labels = {"resident": "resident bf16 (dequantised on load)", "stored": "as stored (keep_quantized=True)",
+              "experts": "experts from disk (expert_offload='disk', the rest as stored)",
               "disk": "layers on disk (device_map, offload_folder)"}  # fmt: skip
     lines = [f"# {args.layers} full-width V4-Flash layer(s), {args.experts} FP4 experts, on {args.device}", "",
-             f"Checkpoint: {info['bytes'] / 1e9:.2f} GB on disk ({info['params'] / 1e9:.2f}B parameters, vocabulary "
-             f"{args.vocab}); generated in {made_s:.0f} s (0 if reused). Prefill of {args.tokens} tokens and one "
-             f"decoding step, best of {args.repeat}; memory is RSS over the interpreter's, after loading and at peak.", "",
+             (f"Checkpoint: {info['bytes'] / 1e9:.2f} GB on disk ({info['params'] / 1e9:.2f}B parameters, vocabulary "
+              f"{args.vocab}); generated in {made_s:.0f} s (0 if reused). Prefill of {args.tokens} tokens and one "
+              f"decoding step, best of {args.repeat}; memory is RSS over the interpreter's, after loading and at peak."), "",
              "| mode | load | memory after load | peak | prefill tok/s | decoding step | step ÷ resident |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     base = results.get("resident", {}).get("step_s")

@@ -119,17 +119,20 @@ def quantized_targets(model, ckpt) -> dict[str, dict]:
     return out
 
 
-def build_quantized(cfg, ckpt, device=None, max_memory=None):
+def build_quantized(cfg, ckpt, device=None, max_memory=None, model=None, keep: bool = True):
     """A HookedV4 of `cfg` whose quantised checkpoint tensors are `QuantizedWeight`s (read as stored) and whose
     other tensors are allocated on `device`, unfilled (`load_tensors` fills them). Returns (model, the stored
-    keys already read). The memory check counts the quantised weights at their stored size."""
+    keys already read). The memory check counts the quantised weights at their stored size.
+    model: a meta-device model to finish instead (its tensors already set elsewhere, e.g. offloaded experts,
+    are left alone); keep=False: keep nothing quantised, only allocate."""
     from ..model import HookedV4
     from .memory import check_memory, model_bytes
 
-    with torch.device("meta"):
-        model = HookedV4(cfg)
-    targets = quantized_targets(model, ckpt)
-    params = dict(model.named_parameters())
+    if model is None:
+        with torch.device("meta"):
+            model = HookedV4(cfg)
+    params = {n: p for n, p in model.named_parameters() if p.is_meta}
+    targets = {n: keys for n, keys in quantized_targets(model, ckpt).items() if n in params} if keep else {}
     stored = 0
     for name, keys in targets.items():
         if name not in params:
@@ -146,7 +149,7 @@ def build_quantized(cfg, ckpt, device=None, max_memory=None):
                                  f"{'' if expert is None else f'[{expert}]'} expects {want}")  # fmt: skip
             stored += _nbytes(ckpt, key) + _nbytes(ckpt, ckpt._scale[key])
     dense = sum(params[n].numel() * params[n].element_size() for n in targets if n in params)
-    check_memory(cfg, device, max_memory, model_bytes(model) - dense + stored)
+    check_memory(cfg, device, max_memory, model_bytes(model) - dense + stored)  # offloaded experts count 0
 
     device = torch.device(device or "cpu")
     for name, keys in targets.items():

@@ -19,7 +19,7 @@ from ..model.config import V4Config, resolve_dtype
 from ..model.presets import PRESETS
 from ..model.presets import preset as preset_config
 from .checkpoint import Checkpoint, detect_format, safetensors_files  # noqa: F401  (re-exported)
-from .memory import ModelTooLargeError, check_memory, model_bytes  # noqa: F401  (re-exported)
+from .memory import ModelTooLargeError, check_memory, model_bytes, parse_bytes  # noqa: F401  (re-exported)
 from .names import canonical_name, official_name
 
 # ---------------------------------------------------------------------- shipped checkpoints
@@ -39,7 +39,8 @@ def shipped_checkpoint(name: str) -> Path | None:
 def load(
     name_or_path: str | Path | None = None, device=None, dtype=None, seed: int = 0, *,
     preset: str | None = None, max_memory: int | str | None = None, draft: str | None = "preset",
-    keep_quantized: bool = False, device_map=None, offload_folder=None, **overrides,
+    keep_quantized: bool = False, device_map=None, offload_folder=None, expert_offload: str | None = None,
+    expert_cache: int | str = "4GB", **overrides,
 ) -> HookedV4:  # fmt: skip
     """A model in eval mode.
 
@@ -65,9 +66,19 @@ def load(
     device_map: place the model over devices with accelerate ("auto" with max_memory={device: budget}, or
         {module: device} with devices "cpu", "cuda:i", "disk"); offload_folder: where "disk" blocks go. The
         model is loaded on the CPU first, then placed (`v4lens.weights.dispatch`).
+    expert_offload: (a checkpoint) keep the routed experts in host memory ("cpu") or in the checkpoint's
+        files ("disk") and bring the ones the router picks to `device`, through a cache of `expert_cache`
+        bytes of experts on it (`model.expert_cache`; `v4lens.weights.expert_offload`).
     overrides: V4Config fields for a preset (e.g. `use_attn_result=True`).
     """
     check_seed(seed, "load")
+    if expert_offload is not None:
+        if expert_offload not in ("cpu", "disk"):
+            raise ValueError(f"expert_offload must be 'cpu' or 'disk' (where the routed experts stay), got {expert_offload!r}")
+        if device_map is not None:
+            raise ValueError("expert_offload and device_map do not combine yet: give device= for the rest of the model")
+        if name_or_path is None or _model_name(name_or_path, preset) is not None:
+            raise ValueError("expert_offload reads a checkpoint folder's experts; pass the folder, not a preset")
     if device_map is not None or offload_folder is not None:
         from .dispatch import dispatch
 
@@ -104,7 +115,8 @@ def load(
         init_weights(model, seed)
     elif name is None and Path(name_or_path).is_dir():
         model = load_checkpoint(Path(name_or_path), device=device, dtype=dtype, max_memory=max_memory,
-                                keep_quantized=keep_quantized, **overrides)  # fmt: skip
+                                keep_quantized=keep_quantized, expert_offload=expert_offload,
+                                expert_cache=expert_cache, **overrides)  # fmt: skip
     else:
         raise ValueError(
             f"{name if name is not None else name_or_path!r} is neither a preset ({', '.join(PRESETS)}) "
@@ -203,12 +215,19 @@ def _generator(seed: int, name: str) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, keep_quantized=False, **overrides) -> HookedV4:
+def load_checkpoint(path: Path, device=None, dtype=None, max_memory=None, keep_quantized=False, expert_offload=None,
+                    expert_cache="4GB", **overrides) -> HookedV4:  # fmt: skip
     """Load a transformers-layout or official-layout directory, streaming tensor by tensor (FP8 / FP4 tensors
     dequantised, or with keep_quantized kept as stored: `v4lens.weights.at_rest`)."""
     with Checkpoint(path) as ckpt:
         cfg = checkpoint_config(ckpt, dtype, device, overrides)
-        if keep_quantized:
+        if expert_offload is not None:
+            from .expert_offload import build_offloaded
+
+            cache = parse_bytes(expert_cache, "expert_cache")
+            model, read = build_offloaded(cfg, ckpt, device, max_memory, expert_offload, cache, keep_quantized)
+            load_tensors(model, ckpt, already_read=read)
+        elif keep_quantized:
             from .at_rest import build_quantized
 
             model, read = build_quantized(cfg, ckpt, device, max_memory)

@@ -1,0 +1,77 @@
+"""Routed experts kept off the compute device (`load(path, expert_offload=...)`): the router's picks are
+brought over one expert at a time through a bounded cache, and nothing of the output changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_at_rest import _quantised_checkpoint
+
+import v4lens
+from v4lens.model.kv_cache import V4KVCache
+from v4lens.weights.expert_offload import OffloadedExperts
+from v4lens.weights.memory import model_bytes
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path, _ = _quantised_checkpoint(tmp_path_factory.mktemp("dspark"), "tiny-dspark")
+    return path
+
+
+@pytest.mark.parametrize("source, keep", [("disk", False), ("cpu", False), ("cpu", True), ("disk", True)])
+def test_offloaded_experts_give_the_resident_models_outputs(checkpoint, source, keep):
+    ref = v4lens.load(checkpoint)
+    model = v4lens.load(checkpoint, expert_offload=source, expert_cache="64KB", keep_quantized=keep)
+    assert isinstance(model.blocks[1].mlp.experts.w2, OffloadedExperts)
+    assert model.expert_cache.misses == 0  # nothing brought over yet
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        (a, da), cache_a = ref.run_with_cache(tokens, draft=True)
+        (b, db), cache_b = model.run_with_cache(tokens, draft=True)
+    assert torch.equal(a, b) and torch.equal(da.logits, db.logits)
+    assert all(torch.equal(cache_a[k], cache_b[k]) for k in cache_a)
+    assert 0 < model.expert_cache.bytes <= 64 * 1024
+    with torch.inference_mode():
+        chunked = []
+        for m in (ref, model):
+            kv = V4KVCache()
+            chunked.append(torch.cat([m(tokens[:, :4], past_kv_cache=kv), m(tokens[:, 4:], past_kv_cache=kv)], 1))
+    assert torch.equal(*chunked)
+    prompt = tokens[:1, :5]
+    assert torch.equal(ref.generate(prompt, 5, stop_at_eos=False, speculative=True).tokens,
+                       model.generate(prompt, 5, stop_at_eos=False, speculative=True).tokens)  # fmt: skip
+
+
+def test_only_the_picked_experts_move_and_the_cache_keeps_them(checkpoint):
+    model = v4lens.load(checkpoint, expert_offload="disk", expert_cache="1GB")
+    resident = v4lens.load(checkpoint)
+    experts = sum(p.numel() * p.element_size() for n, p in resident.named_parameters() if ".mlp.experts.w" in n)
+    assert model_bytes(model) == model_bytes(resident) - experts  # the experts are not resident
+    tokens = torch.randint(0, 512, (1, 6), generator=torch.Generator().manual_seed(1))
+    _, cache = model.run_with_cache(tokens)
+    picked = sum(3 * len(torch.unique(cache[n][cache[n] >= 0])) for n in cache if n.endswith("mlp.hook_expert_ids"))
+    assert model.expert_cache.misses == picked  # w1, w2, w3 of each expert a layer's tokens picked, once each
+    before = model.expert_cache.misses
+    with torch.no_grad():
+        model(tokens)
+    assert model.expert_cache.misses == before and model.expert_cache.hits >= picked  # all from the cache now
+
+
+def test_whole_tensor_use_edits_and_bad_options_are_refused(checkpoint):
+    model = v4lens.load(checkpoint, expert_offload="cpu")
+    w = model.blocks[1].mlp.experts.w1
+    with pytest.raises(RuntimeError, match="expert_offload"):
+        w.sum()
+    with pytest.raises(RuntimeError, match="expert_offload"), torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(ValueError, match="expert_offload must be"):
+        v4lens.load(checkpoint, expert_offload="gpu")
+    with pytest.raises(ValueError, match="preset"):
+        v4lens.load("tiny", expert_offload="cpu")
+    with pytest.raises(ValueError, match="device_map"):
+        v4lens.load(checkpoint, expert_offload="cpu", device_map={"embed": "cpu"})
+    with pytest.raises(ValueError, match="expert_cache"):
+        v4lens.load(checkpoint, expert_offload="cpu", expert_cache="lots")
