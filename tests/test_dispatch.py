@@ -79,6 +79,8 @@ def test_a_malformed_map_is_refused_before_anything_moves(change, message, tmp_p
         v4lens.load("tiny", device_map=_map("tiny"), **SMALL)
     with pytest.raises(ValueError, match="max_memory"):
         v4lens.load("tiny", device_map="auto", **SMALL)
+    with pytest.raises(ValueError, match="per-device dict"):
+        v4lens.load("tiny", device_map="auto", max_memory="1GB", **SMALL)
     with pytest.raises(ValueError, match="cannot be placed whole"):
         v4lens.load("tiny", device_map="auto", max_memory={"cpu": "10KB"}, **SMALL)
 

@@ -84,6 +84,9 @@ def load(
 
         if device_map is None:
             raise ValueError("offload_folder goes with device_map (the blocks it maps to 'disk')")
+        if max_memory is not None and not isinstance(max_memory, dict):
+            raise ValueError(f"with device_map, max_memory is a per-device dict ({{0: '80GB', 'cpu': '200GB'}}) for "
+                             f"device_map='auto', got {max_memory!r}")  # fmt: skip
         if device not in (None, "cpu") and device != torch.device("cpu"):
             raise ValueError(f"device={device!r} and device_map: give the devices in device_map only")
         folder = name_or_path is not None and _model_name(name_or_path, preset) is None
