@@ -75,3 +75,13 @@ def test_whole_tensor_use_edits_and_bad_options_are_refused(checkpoint):
         v4lens.load(checkpoint, expert_offload="cpu", device_map={"embed": "cpu"})
     with pytest.raises(ValueError, match="expert_cache"):
         v4lens.load(checkpoint, expert_offload="cpu", expert_cache="lots")
+
+
+def test_saving_an_offloaded_model_writes_the_experts(checkpoint, tmp_path):
+    """Each expert is read back once to be written: the save equals the resident model's."""
+    from safetensors.torch import load_file
+
+    v4lens.load(checkpoint).save_pretrained(tmp_path / "resident", format="official")
+    v4lens.load(checkpoint, expert_offload="disk", expert_cache="64KB").save_pretrained(tmp_path / "off", format="official")
+    a, b = load_file(tmp_path / "resident" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ..model.config import V4Config, resolve_dtype
+from .at_rest import QuantizedWeight
 from .atomic import writing_checkpoint
 from .names import hf_saved_name, official_name
 from .safetensors_io import write_file
@@ -93,7 +94,7 @@ def layout_tensors(
     stage count (0: not DSpark), which places the drafter's heads on its last stage."""
     for name, t in state.items():
         stacked = _STACKED_EXPERTS.search(name)
-        kept = getattr(t, "stored_tensors", None)  # a weight kept quantised (weights.at_rest)
+        kept = t.stored_tensors if isinstance(t, QuantizedWeight) else None  # a weight kept quantised (weights.at_rest)
         for expert in range(t.shape[0]) if stacked else [None]:
             key = official_name(name, expert, dspark_stages)
             if kept is not None and format == "official":  # written back as it was read: data and scale
