@@ -85,3 +85,15 @@ def test_saving_an_offloaded_model_writes_the_experts(checkpoint, tmp_path):
     v4lens.load(checkpoint, expert_offload="disk", expert_cache="64KB").save_pretrained(tmp_path / "off", format="official")
     a, b = load_file(tmp_path / "resident" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cache_stays_bounded_when_threads_share_it():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from v4lens.weights.expert_offload import ExpertCache
+
+    cache = ExpertCache(max_bytes=10 * 4 * 16)  # ten experts of 16 fp32 values
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: cache.get(i % 25, lambda: torch.full((16,), float(i % 25))), range(2000)))
+    assert cache.bytes == sum(v.numel() * v.element_size() for v in cache.entries.values()) <= 640
+    assert cache.hits + cache.misses == 2000 and len(cache.entries) <= 10

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -33,26 +34,30 @@ class ExpertCache:
     def __init__(self, max_bytes: int):
         self.max_bytes, self.entries, self.bytes = max_bytes, OrderedDict(), 0
         self.hits = self.misses = 0
+        self._lock = threading.Lock()  # forwards on several threads may share a model (and its cache)
 
     def get(self, key, fetch: Callable[[], torch.Tensor]) -> torch.Tensor:
-        if key in self.entries:
-            self.hits += 1
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        self.misses += 1
-        value = fetch()
+        with self._lock:
+            if key in self.entries:
+                self.hits += 1
+                self.entries.move_to_end(key)
+                return self.entries[key]
+            self.misses += 1
+        value = fetch()  # outside the lock: reads of different experts may overlap
         size = value.numel() * value.element_size()
-        if size <= self.max_bytes:
-            self.entries[key] = value
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, old = self.entries.popitem(last=False)
-                self.bytes -= old.numel() * old.element_size()
+        with self._lock:
+            if size <= self.max_bytes and key not in self.entries:
+                self.entries[key] = value
+                self.bytes += size
+                while self.bytes > self.max_bytes:
+                    _, old = self.entries.popitem(last=False)
+                    self.bytes -= old.numel() * old.element_size()
         return value
 
     def clear(self) -> None:
-        self.entries.clear()
-        self.bytes = 0
+        with self._lock:
+            self.entries.clear()
+            self.bytes = 0
 
     def __repr__(self) -> str:
         return (f"ExpertCache({len(self.entries)} experts, {self.bytes / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB; "
@@ -89,7 +94,7 @@ class OffloadedExperts(torch.Tensor):
     def stored_bytes(self) -> int:
         return 0
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo):  # the copy shares the source and the cache (nothing of it is resident)
         return type(self)(self.shape, self.dtype, self.device, self.fetch, self.cache, self.key)
 
     __torch_function__ = torch._C._disabled_torch_function_impl
