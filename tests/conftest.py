@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import v4lens
+from v4lens.model.kv_cache import V4KVCache
 
 
 # ---------------------------------------------------------------- tiny model, small vocab
@@ -40,6 +41,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def two_chunks(model, tokens: torch.Tensor, split: int) -> torch.Tensor:
+    """The logits of `tokens` run as two chunks through a fresh V4KVCache (split at `split`), concatenated."""
+    kv = V4KVCache()
+    return torch.cat([model(tokens[:, :split], past_kv_cache=kv), model(tokens[:, split:], past_kv_cache=kv)], dim=1)
 
 
 def perturb(model, seed: int, scale: float = 0.05):

@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from conftest import two_chunks
 from safetensors.torch import load_file, save_file
 
 import v4lens
-from v4lens.model.kv_cache import V4KVCache
 from v4lens.weights.at_rest import QuantizedWeight
 from v4lens.weights.memory import model_bytes
 from v4lens.weights.quant import quantize_fp4, quantize_fp8
@@ -67,15 +67,10 @@ def test_outputs_hooks_and_decoding_are_bit_identical(checkpoint, dtype):
         assert torch.equal(spec.tokens, ref.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False,
                                                      speculative=True).tokens)  # fmt: skip
     with torch.no_grad():  # the decoding cache binds to a kept-quantised model like to any other
-        chunked = []
-        for model in (ref, kept):
-            kv = V4KVCache()
-            chunked.append(torch.cat([model(tokens[:, :7], past_kv_cache=kv), model(tokens[:, 7:], past_kv_cache=kv)], 1))
-    assert torch.equal(*chunked)
+        chunked = two_chunks(kept, tokens, 7)
+        assert torch.equal(two_chunks(ref, tokens, 7), chunked)
     with torch.inference_mode():  # views and experts of a kept weight inside inference mode, with a cache
-        kv = V4KVCache()
-        assert torch.equal(torch.cat([kept(tokens[:, :7], past_kv_cache=kv), kept(tokens[:, 7:], past_kv_cache=kv)], 1),
-                           chunked[1])  # fmt: skip
+        assert torch.equal(two_chunks(kept, tokens, 7), chunked)
 
 
 def test_memory_is_the_stored_size_and_nothing_dense_is_kept(checkpoint):

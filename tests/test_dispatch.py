@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import two_chunks
 
 import v4lens
-from v4lens.model.kv_cache import V4KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SMALL = {"d_vocab": 512, "dspark_noise_token_id": 7}
@@ -36,18 +36,13 @@ def test_blocks_on_disk_give_the_resident_models_outputs(name, tmp_path):
     if name == "tiny-dspark":
         assert torch.equal(a_draft.tokens, b_draft.tokens) and torch.equal(a_draft.logits, b_draft.logits)
     with torch.no_grad():
-        chunked = []
-        for model in (ref, placed):
-            kv = V4KVCache()
-            chunked.append(torch.cat([model(tokens[:, :4], past_kv_cache=kv), model(tokens[:, 4:], past_kv_cache=kv)], 1))
-    assert torch.equal(*chunked)
+        chunked = two_chunks(ref, tokens, 4)
+        assert torch.equal(two_chunks(placed, tokens, 4), chunked)
     prompt = tokens[:1, :5]
     assert torch.equal(ref.generate(prompt, 6, stop_at_eos=False).tokens, placed.generate(prompt, 6, stop_at_eos=False).tokens)
     assert placed.blocks[1].attn.wq_a.is_meta  # and back on disk
     with torch.inference_mode():  # the blocks read back inside inference mode: decoding works there too
-        kv = V4KVCache()
-        assert torch.equal(torch.cat([placed(tokens[:, :4], past_kv_cache=kv), placed(tokens[:, 4:], past_kv_cache=kv)], 1),
-                           chunked[0])  # fmt: skip
+        assert torch.equal(two_chunks(placed, tokens, 4), chunked)
 
 
 def test_auto_places_by_budget(tmp_path):

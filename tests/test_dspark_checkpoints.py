@@ -16,6 +16,7 @@ import torch
 from conftest import perturb
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_checkpoints import _keys
 
 import v4lens
 from v4lens.model.config import V4Config, preset
@@ -56,14 +57,6 @@ def _same_draft(a, b, tokens=TOKENS):
     assert torch.equal(la, lb)
     for field in ("tokens", "logits", "confidences"):
         assert torch.equal(getattr(da, field), getattr(db, field)), field
-
-
-def _keys(path):
-    keys = set()
-    for f in path.glob("*.safetensors"):
-        with safe_open(f, "pt") as h:
-            keys |= set(h.keys())
-    return keys
 
 
 def _rewrite(path, edit):

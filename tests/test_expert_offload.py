@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import two_chunks
 from test_at_rest import _quantised_checkpoint
 
 import v4lens
-from v4lens.model.kv_cache import V4KVCache
 from v4lens.weights.expert_offload import OffloadedExperts
 from v4lens.weights.memory import model_bytes
 
@@ -35,11 +35,7 @@ def test_offloaded_experts_give_the_resident_models_outputs(checkpoint, source, 
     assert all(torch.equal(cache_a[k], cache_b[k]) for k in cache_a)
     assert 0 < model.expert_cache.bytes <= 64 * 1024
     with torch.inference_mode():
-        chunked = []
-        for m in (ref, model):
-            kv = V4KVCache()
-            chunked.append(torch.cat([m(tokens[:, :4], past_kv_cache=kv), m(tokens[:, 4:], past_kv_cache=kv)], 1))
-    assert torch.equal(*chunked)
+        assert torch.equal(two_chunks(ref, tokens, 4), two_chunks(model, tokens, 4))
     prompt = tokens[:1, :5]
     assert torch.equal(ref.generate(prompt, 5, stop_at_eos=False, speculative=True).tokens,
                        model.generate(prompt, 5, stop_at_eos=False, speculative=True).tokens)  # fmt: skip
