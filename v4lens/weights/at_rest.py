@@ -17,7 +17,6 @@ edit weights. `.to(device)` moves the stored tensors; `.to(another dtype)` gives
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch.utils._pytree import tree_map
@@ -72,7 +71,7 @@ class QuantizedWeight(torch.Tensor):
         if weight is not None:
             if func is aten.select.int and args[1] == 0 and weight.qdata.ndim == 3:  # one expert of a stack
                 e = args[2]
-                with _outside_inference_mode():
+                with outside_inference_mode():
                     return dequantize(weight.qdata[e], weight.scale[e], weight.dtype)
             if func in (aten.detach.default, aten.alias.default):
                 return cls(weight.qdata, weight.scale, weight.dtype)
@@ -93,12 +92,12 @@ class QuantizedWeight(torch.Tensor):
 
         returns = func._schema.returns
         if returns and returns[0].alias_info is not None:  # a view op (w.view, w.t)
-            with _outside_inference_mode():
+            with outside_inference_mode():
                 return func(*tree_map(dense, args), **tree_map(dense, kwargs))
         return func(*tree_map(dense, args), **tree_map(dense, kwargs))
 
 
-def _outside_inference_mode():
+def outside_inference_mode():
     """For results of view ops on a weight: autograd makes them views of the weight, sharing its version
     counter, which a tensor made under torch.inference_mode cannot do; the temporary is made outside it."""
     return torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
@@ -147,7 +146,7 @@ def build_quantized(cfg, ckpt, device=None, max_memory=None, model=None, keep: b
             if ckpt.shape(key) != want:
                 raise ValueError(f"checkpoint tensor {key} has shape {ckpt.shape(key)} but v4lens {name}"
                                  f"{'' if expert is None else f'[{expert}]'} expects {want}")  # fmt: skip
-            stored += _nbytes(ckpt, key) + _nbytes(ckpt, ckpt._scale[key])
+            stored += ckpt.stored_nbytes(key)
     dense = sum(params[n].numel() * params[n].element_size() for n in targets if n in params)
     check_memory(cfg, device, max_memory, model_bytes(model) - dense + stored)  # offloaded experts count 0
 
@@ -164,20 +163,9 @@ def build_quantized(cfg, ckpt, device=None, max_memory=None, model=None, keep: b
     return model, {key for keys in targets.values() for key in keys.values()}
 
 
-def _nbytes(ckpt, key: str) -> int:
-    from .safetensors_io import DTYPES
-
-    entry = ckpt._entry[key][2]
-    return math.prod(entry["shape"]) * DTYPES[entry["dtype"]].itemsize
-
-
 def _read_quantized(ckpt, keys: dict, device, dtype) -> QuantizedWeight:
     """One quantised weight, or a stack of experts (keys {0: ..., E-1: ...}), as stored."""
-    def pair(key):
-        q, s = ckpt._read(key), ckpt._read(ckpt._scale[key])
-        ckpt._check_scale(ckpt._scale[key], s)
-        return q, s
-
+    pair = ckpt.read_stored
     if None in keys:
         q, s = pair(keys[None])
         return QuantizedWeight(q.to(device), s.to(device), dtype)

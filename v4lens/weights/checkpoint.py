@@ -7,6 +7,7 @@ files is an error unless the index says which), and FP8 / FP4 scales must be fin
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
@@ -168,12 +169,24 @@ class Checkpoint:
             else shape
         )
 
+    def read_stored(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the tensor as stored, its block scale checked finite and > 0, or None if it has none)."""
+        tensor = self._read(key)
+        if key not in self._scale:
+            return tensor, None
+        scale = self._read(self._scale[key])
+        self._check_scale(self._scale[key], scale)
+        return tensor, scale
+
+    def stored_nbytes(self, key: str) -> int:
+        """Bytes the tensor takes as stored, its scale included."""
+        keys = [key] + ([self._scale[key]] if key in self._scale else [])
+        return sum(math.prod(self._entry[k][2]["shape"]) * DTYPES[self._entry[k][2]["dtype"]].itemsize for k in keys)
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor as stored, or dequantised to fp32 if it is an FP8 / FP4 weight."""
-        tensor = self._read(key)
-        if key in self._scale:
-            scale = self._read(self._scale[key])
-            self._check_scale(self._scale[key], scale)
+        tensor, scale = self.read_stored(key)
+        if scale is not None:
             try:
                 tensor = dequantize(tensor, scale)
             except (ValueError, TypeError) as e:

@@ -16,13 +16,14 @@ so do in-place edits. Not built yet: reading the next layer's experts while this
 
 from __future__ import annotations
 
-import contextlib
 import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+
+from .at_rest import _read_quantized, _set, outside_inference_mode, quantized_targets
 
 aten = torch.ops.aten
 EXPERTS = re.compile(r"\.mlp\.experts\.w[123]$")
@@ -105,8 +106,7 @@ class OffloadedExperts(torch.Tensor):
         w = args[0] if args and isinstance(args[0], cls) else None
         if w is not None:
             if func is aten.select.int and args[1] == 0:
-                ctx = torch.inference_mode(False) if torch.is_inference_mode_enabled() else contextlib.nullcontext()
-                with ctx:  # a view of this weight for autograd: made outside inference mode (see weights.at_rest)
+                with outside_inference_mode():  # autograd makes the result a view of this weight
                     return w.expert(args[2] % w.shape[0]).clone()
             if func in (aten.detach.default, aten.alias.default):
                 return cls(w.shape, w.dtype, w.device, w.fetch, w.cache, w.key)
@@ -123,7 +123,6 @@ def offload_experts(model, ckpt, source: str, cache: ExpertCache, device, keep_q
     """Replace every stacked routed-expert parameter of `model` (on meta) by `OffloadedExperts` reading from
     host memory ("cpu": read now, kept quantised if asked) or from the checkpoint's files ("disk": read per
     use). Returns the stored keys handled here (load_tensors skips them)."""
-    from .at_rest import _read_quantized, _set, quantized_targets
     from .names import canonical_name
 
     stages = model.cfg.n_mtp_layers if model.cfg.draft == "dspark" else 0
