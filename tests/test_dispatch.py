@@ -58,6 +58,22 @@ def test_auto_places_by_budget(tmp_path):
         assert torch.equal(squeezed(tokens), v4lens.load("tiny", **SMALL)(tokens))
 
 
+def test_auto_keeps_the_drafters_heads_on_the_main_device_and_may_move_its_stages(tmp_path):
+    """A plan that sends the DSpark stages to disk keeps main_proj, the Markov and confidence heads (read outside
+    any block) with the embedding; drafts equal the resident model's. "balanced" is accepted the same way."""
+    ref = v4lens.load("tiny-dspark", **SMALL)
+    main = sum(t.numel() * t.element_size() for n, t in ref.state_dict().items() if not n.startswith(("blocks.", "dspark.stages.")))
+    placed = v4lens.load("tiny-dspark", device_map="balanced", max_memory={"cpu": main + 700_000, "disk": "1GB"},
+                         offload_folder=tmp_path / "o", **SMALL)  # fmt: skip
+    dmap = placed.v4lens_device_map
+    assert dmap["dspark.stages"] == "disk" and dmap["dspark.main_proj"] == dmap["head"] == "cpu"
+    tokens = torch.randint(0, 512, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        (a, da), (b, db) = ref(tokens, draft=True), placed(tokens, draft=True)
+    assert torch.equal(a, b) and torch.equal(da.logits, db.logits)
+    assert placed.dspark.stages[0].attn.wq_a.is_meta  # read back for its forward only
+
+
 @pytest.mark.parametrize("change, message", [
     ({"blocks.9": "cpu"}, "not a module"),
     ({"blocks.0": "gpu"}, "not a device"),

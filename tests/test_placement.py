@@ -60,7 +60,11 @@ def test_placement_fills_devices_in_order_and_never_splits_a_block():
     one_gpu = plan_placement(cfg, {0: "141GB", "cpu": "512GB"}, mode="stored")
     assert set(one_gpu.device_map.values()) == {0, "cpu"}
     assert one_gpu.device_map["embed"] == 0 and one_gpu.device_map["blocks.0"] == 0
-    assert all(re.fullmatch(r"[a-z_]+(\.\d+)?", m) for m in one_gpu.device_map)  # whole blocks only
+    assert all(re.fullmatch(r"[a-z_]+(\.\d+)?|dspark\.(stages|[a-z_0-9]+)", m) for m in one_gpu.device_map)  # whole blocks
+    # what is read outside a block forward sits with the embedding; the drafter's stages may go elsewhere
+    assert {one_gpu.device_map[m] for m in one_gpu.device_map if not m.startswith(("blocks.", "dspark.stages"))} == {0}
+    assert one_gpu.device_map["dspark.stages"] == "cpu" and one_gpu.device_map["dspark.main_proj"] == 0
+    assert any("dspark (its own tensors)" in line for line in one_gpu.summary() if line.startswith("cuda:0"))
     assert one_gpu.bytes_per_device[0] <= 141e9 and sum(one_gpu.bytes_per_device.values()) == pytest.approx(
         weight_bytes(cfg).total("stored"), rel=1e-9)  # fmt: skip
     gpus = plan_placement(cfg, {i: "141GB" for i in range(8)}, mode="bf16")
@@ -70,6 +74,17 @@ def test_placement_fills_devices_in_order_and_never_splits_a_block():
     cpu_disk = plan_placement(cfg, {"cpu": "256GB", "disk": "4TB"}, mode="bf16")
     assert "disk" in cpu_disk.device_map.values()
     assert any("blocks." in line and "disk" in line for line in cpu_disk.summary())
+
+
+def test_balanced_spreads_the_blocks_over_the_gpus():
+    cfg = preset("flash-0731")
+    budget = {i: "141GB" for i in range(8)} | {"cpu": "512GB"}
+    packed, balanced = plan_placement(cfg, budget, "stored"), plan_placement(cfg, budget, "stored", balanced=True)
+    assert set(packed.device_map.values()) == {0, 1}  # 167 GB: the first GPU full, the rest on the second
+    assert set(balanced.device_map.values()) == set(range(8))
+    assert max(balanced.bytes_per_device.values()) < 0.5 * max(packed.bytes_per_device.values())
+    blocks = [balanced.device_map[f"blocks.{i}"] for i in range(cfg.n_layers)]
+    assert blocks == sorted(blocks) and balanced.device_map["head"] == 0
 
 
 def test_placement_errors_name_the_problem():
@@ -82,12 +97,14 @@ def test_placement_errors_name_the_problem():
         plan_placement(cfg, {"gpu0": "1GB"})
     with pytest.raises(ValueError, match="mode"):
         plan_placement(cfg, {"cpu": "1TB"}, mode="fp8")
+    with pytest.raises(ValueError, match=r"must sit together on the first device, 0, whose budget is 2.00 GB"):
+        plan_placement(cfg, {0: "2GB", "cpu": "1TB"}, mode="stored")  # blocks fit, the head and embedding do not
 
 
 def test_info_memory_prints_modes_and_placements(capsys):
     assert cli_main(["info", "flash-0731", "--memory", "--max-memory", "0=141GB,cpu=400GB"]) == 0
     out = capsys.readouterr().out
     assert "166.9 GB" in out and "609.1 GB" in out
-    assert "cuda:0: embed, blocks.0-" in out and "does not fit" in out  # bf16 does not fit 141 + 400 GB
+    assert "cuda:0: embed, hc_head, ln_final, head, dspark (its own tensors), blocks.0-" in out and "does not fit" in out  # bf16 does not fit 141 + 400 GB
     assert cli_main(["info", "flash-0731", "--max-memory", "0=1GB"]) != 0  # --max-memory needs --memory
     assert cli_main(["info", "flash-0731", "--memory", "--max-memory", "0:1GB"]) != 0

@@ -12,7 +12,9 @@ covers what is below it (`"blocks"` for every block). Values: "cpu", "cuda:i" (o
 the model reads outside a block's forward — the embedding, the head and its final norm and collapse,
 MTP blocks, the drafter's own tensors — must sit on one real device (the main device, where the
 input tokens go); only main blocks and DSpark stages may go elsewhere (another device, the CPU, disk). "auto" plans the map with
-accelerate's `infer_auto_device_map` on per-device budgets (`max_memory={0: "80GB", "cpu": "200GB"}`).
+accelerate's `infer_auto_device_map` on per-device budgets (`max_memory={0: "80GB", "cpu": "200GB"}`): the
+main modules on the first device, the blocks over what is left in order; "balanced" spreads the blocks
+evenly over the GPUs (accelerate's `get_balanced_memory`) before the CPU and disk.
 
 A checkpoint folder is read straight into its placement (`load_placed`: one module in memory at a time);
 a preset, or a model loaded with `keep_quantized=True`, is built in host memory first, then placed
@@ -37,18 +39,18 @@ def normalize_device_map(model, device_map: dict) -> dict[str, str | int]:
     """Check a {module prefix: device} map against `model` -> {module: device} covering every tensor once.
     Errors name the module or device at fault; nothing is moved."""
     if not isinstance(device_map, dict) or not device_map:
-        raise TypeError(f"device_map must be 'auto' or a non-empty dict {{module: device}}, got {device_map!r}")
+        raise TypeError(f"device_map must be 'auto', 'balanced' or a non-empty dict {{module: device}}, got {device_map!r}")
     out = {}
-    modules = dict(model.named_modules())
+    known = set(dict(model.named_modules())) | {n for n, _ in model.named_parameters()}
     for name, device in device_map.items():
-        if not isinstance(name, str) or name not in modules or name == "":
+        if not isinstance(name, str) or name not in known or name == "":
             raise ValueError(f"device_map: {name!r} is not a module of the model (e.g. 'embed', 'blocks.3', 'head')")
         if isinstance(device, bool) or not _DEVICE.fullmatch(str(device)):
             raise ValueError(f"device_map[{name!r}]: {device!r} is not a device ('cpu', 'cuda:0' or 0, 'disk')")
         out[name] = int(device) if str(device).isdigit() else ("cuda:0" if device == "cuda" else device)
     covered: dict[str, str] = {}
     for tensor_name, _ in list(model.named_parameters()) + list(model.named_buffers()):
-        owners = [m for m in out if tensor_name.startswith(m + ".")]
+        owners = [m for m in out if tensor_name == m or tensor_name.startswith(m + ".")]
         if not owners:
             raise ValueError(f"device_map does not place {tensor_name} (add its module, e.g. "
                              f"{tensor_name.rsplit('.', 1)[0]!r} or a prefix of it)")  # fmt: skip
@@ -69,8 +71,8 @@ def normalize_device_map(model, device_map: dict) -> dict[str, str | int]:
 
 
 def _checked_map(model, device_map, offload_folder, max_memory) -> dict:
-    if device_map == "auto":
-        device_map = auto_device_map(model, max_memory)
+    if device_map in ("auto", "balanced"):
+        device_map = auto_device_map(model, max_memory, balanced=device_map == "balanced")
     elif max_memory is not None and isinstance(max_memory, dict):
         raise ValueError("max_memory as a per-device dict goes with device_map='auto'")
     device_map = normalize_device_map(model, device_map)
@@ -125,7 +127,7 @@ def _give_back_freed_memory() -> None:
 
 
 def dispatch(model, device_map, offload_folder=None, max_memory=None):
-    """Place `model` (loaded, on the CPU) by `device_map` ("auto" or a dict, see the module docstring)."""
+    """Place `model` (loaded, on the CPU) by `device_map` ("auto", "balanced" or a dict, see the module docstring)."""
     from accelerate.utils import offload_state_dict, set_module_tensor_to_device
 
     device_map = _checked_map(model, device_map, offload_folder, max_memory)
@@ -145,12 +147,21 @@ def dispatch(model, device_map, offload_folder=None, max_memory=None):
 
 def _dispatch(model, device_map: dict, offload_folder):
     """accelerate's hooks on a model whose modules sit where `device_map` says (disk ones in offload_folder)."""
+    import warnings
+
     from accelerate import dispatch_model
+    from accelerate.utils import set_module_tensor_to_device
 
     disk = [m for m, d in device_map.items() if d == "disk"]
     main = device_map["embed"] if "embed" in device_map else next(d for m, d in device_map.items() if m in _MAIN)
-    dispatch_model(model, device_map=device_map, main_device=main, offload_dir=str(offload_folder) if disk else None,
-                   preload_module_classes=_PRELOADED)  # fmt: skip
+    modules = dict(model.named_modules())
+    for name, device in device_map.items():  # a module's own tensors named singly (the drafter's, when its
+        if name not in modules:              # stages sit elsewhere): accelerate hooks modules only, so move them
+            set_module_tensor_to_device(model, name, device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The following device_map keys do not match any submodules")
+        dispatch_model(model, device_map=device_map, main_device=main, offload_dir=str(offload_folder) if disk else None,
+                       preload_module_classes=_PRELOADED)  # fmt: skip
     for name in disk:  # after accelerate has dropped the block's weights again (its hook wraps forward)
         model.get_submodule(name).register_forward_hook(lambda *_: _give_back_freed_memory())
     model.cfg.device = model.embed.weight.device  # the main device: where input tokens go
@@ -158,21 +169,13 @@ def _dispatch(model, device_map: dict, offload_folder):
     return model
 
 
-def auto_device_map(model, max_memory) -> dict:
-    """accelerate's plan over `max_memory` ({device: bytes or "80GB"}), whole blocks, the main modules together."""
+def auto_device_map(model, max_memory, balanced: bool = False) -> dict:
+    """accelerate's plan over `max_memory` ({device: bytes or "80GB"}): whole blocks, the modules read outside
+    a block on the first device (`placement.plan_placement`); `balanced` spreads the blocks evenly over GPUs."""
     from .placement import plan_placement
 
     if not isinstance(max_memory, dict):
         raise ValueError("device_map='auto' needs max_memory={device: budget}, e.g. {0: '80GB', 'cpu': '200GB'}")
     kept = any(hasattr(p, "stored_tensors") for p in model.parameters())
     mode = "stored" if kept else ("fp32" if model.cfg.dtype == torch.float32 else "bf16")
-    plan = plan_placement(model.cfg, max_memory, mode).device_map
-    if "" in plan:  # everything fits the first device
-        plan = {name: plan[""] for name, child in model.named_children() if any(True for _ in child.parameters())}
-    main = plan.get("embed", "cpu")
-    for name in _MAIN:  # the head and its norm go where the embedding is
-        plan[name] = main
-    for m in plan:  # so do the MTP blocks and the drafter's own tensors (its stages may stay where planned)
-        if (m == "mtp" or m.startswith(("mtp.", "dspark"))) and not m.startswith("dspark.stages."):
-            plan[m] = main
-    return {m: d for m, d in plan.items() if m in dict(model.named_modules())}
+    return plan_placement(model.cfg, max_memory, mode, balanced=balanced).device_map

@@ -63,7 +63,7 @@ def load(
     keep_quantized: (a checkpoint with FP8 / FP4 tensors) keep them as stored in memory, dequantised at each
         use (`v4lens.weights.at_rest`): about the checkpoint's size in memory, the same outputs bit for bit;
         such weights cannot be edited in place.
-    device_map: place the model over devices with accelerate ("auto" with max_memory={device: budget}, or
+    device_map: place the model over devices with accelerate ("auto" or "balanced" with max_memory={device: budget}, or
         {module: device} with devices "cpu", "cuda:i", "disk"); offload_folder: where "disk" blocks go. The
         model is loaded on the CPU first, then placed (`v4lens.weights.dispatch`).
     expert_offload: (a checkpoint) keep the routed experts in host memory ("cpu") or in the checkpoint's

@@ -98,6 +98,10 @@ class Placement:
         """One line per device: its modules (ranges of blocks collapsed) and bytes against its budget."""
         by_device: dict = {}
         for module, device in self.device_map.items():
+            if module.startswith("dspark.") and not module.startswith("dspark.stages"):
+                module = "dspark (its own tensors)"  # main_proj, norms, head collapse, Markov and confidence heads
+                if module in by_device.get(device, []):
+                    continue
             by_device.setdefault(device, []).append(module)
         lines = []
         for device, modules in by_device.items():
@@ -108,12 +112,17 @@ class Placement:
         return lines
 
 
-def plan_placement(cfg: V4Config, max_memory: dict, mode: str = "bf16") -> Placement:
+def plan_placement(cfg: V4Config, max_memory: dict, mode: str = "bf16", balanced: bool = False) -> Placement:
     """accelerate's device map for `cfg` with tensors sized as `mode` ("fp32", "bf16" or "stored") keeps them.
 
-    max_memory: {device: bytes or "141GB"}; devices 0, 1, ... (or "cuda:0"), "cpu", "disk". A budget
-    that cannot hold the largest block anywhere is an error naming both sizes."""
+    max_memory: {device: bytes or "141GB"}; devices 0, 1, ... (or "cuda:0"), "cpu", "disk". What the model
+    reads outside a block's forward (embedding, head and its norm and collapse, MTP blocks, the drafter's
+    own tensors) goes to the first device (the main one, where the tokens go); accelerate places the main
+    blocks and DSpark stages over what is left, first device first, or spread evenly over the GPUs with
+    `balanced=True` (accelerate's `get_balanced_memory`). A budget that cannot hold the largest block
+    anywhere, or the main modules on the first device, is an error naming both sizes."""
     from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -126,19 +135,47 @@ def plan_placement(cfg: V4Config, max_memory: dict, mode: str = "bf16") -> Place
     if sizes[biggest] > max(budgets.values()):
         raise ValueError(f"{biggest} takes {sizes[biggest] / 1e9:.2f} GB ({mode}), more than any device's budget "
                          f"({max(budgets.values()) / 1e9:.2f} GB): it cannot be placed whole")  # fmt: skip
+    placed = torch.nn.Module()  # what may leave the main device: the blocks and the DSpark stages
+    placed.blocks = model.blocks
+    if getattr(model, "dspark", None) is not None:
+        placed.dspark = torch.nn.Module()
+        placed.dspark.stages = model.dspark.stages
+    main_bytes = sum(t.numel() * t.element_size() for name, t in model.state_dict().items()
+                     if not name.startswith(("blocks.", "dspark.stages.")))  # fmt: skip
+    devices = sorted((d for d in budgets if isinstance(d, int)), key=int) + [d for d in ("cpu", "disk") if d in budgets]
+    main = next(d for d in devices if d != "disk") if set(devices) != {"disk"} else None
+    if main is None or main_bytes > budgets[main]:
+        raise ValueError(f"the embedding, head and other modules read outside a block take {main_bytes / 1e9:.2f} GB "
+                         f"({mode}) and must sit together on the first device, {main!r}, whose budget is "
+                         f"{budgets.get(main, 0) / 1e9:.2f} GB")  # fmt: skip
+    left = dict(budgets) | {main: budgets[main] - main_bytes}
     quiet = logging.getLogger("accelerate.utils.modeling")  # planning for GPUs this machine may not have
     level, quiet.level = quiet.level, logging.ERROR
+    unsplit = ["Block", "MTPBlock", "DSparkStage"]
     try:
         with warnings.catch_warnings():  # its advice on offload buffers is about loading, not planning
             warnings.simplefilter("ignore", UserWarning)
-            device_map = infer_auto_device_map(
-                model, max_memory=budgets, no_split_module_classes=["Block", "MTPBlock", "DSparkStage"]
-            )
+            if balanced and sum(isinstance(d, int) for d in left) > 1:
+                left = get_balanced_memory(placed, max_memory=left, no_split_module_classes=unsplit)
+            blocks_map = infer_auto_device_map(placed, max_memory=left, no_split_module_classes=unsplit)
     finally:
         quiet.setLevel(level)
+    if "" in blocks_map:  # everything fits one device
+        blocks_map = {name: blocks_map[""] for name in ("blocks", "dspark.stages") if name.split(".")[0] in dict(placed.named_children())}
+    blocks_map = {("dspark.stages" if m == "dspark" else m): d for m, d in blocks_map.items()}  # the wrapper's names
+    device_map = {name: main for name, child in model.named_children() if name != "blocks" and _bytes(child)}
+    if "dspark" in device_map:  # the drafter's own tensors stay on main; its stages go where planned
+        del device_map["dspark"]
+        device_map |= {f"dspark.{name}": main for name, child in model.dspark.named_children()
+                       if name != "stages" and _bytes(child)}  # fmt: skip
+        device_map |= {f"dspark.{name}": main for name, _ in model.dspark.named_parameters(recurse=False)}
+    device_map |= blocks_map
+    stages = {d for m, d in device_map.items() if m.startswith("dspark.stages")}
+    if stages == {main}:  # the whole drafter on the main device: one entry
+        device_map = {m: d for m, d in device_map.items() if not m.startswith("dspark.")} | {"dspark": main}
     used: dict = {}
     for module, device in list(device_map.items()):
-        size = _bytes(model.get_submodule(module) if module else model)
+        size = _bytes(model.get_submodule(module)) if module in dict(model.named_modules()) else _param_bytes(model, module)
         if size == 0:  # hook points and empty module lists hold nothing
             del device_map[module]
             continue
@@ -147,6 +184,11 @@ def plan_placement(cfg: V4Config, max_memory: dict, mode: str = "bf16") -> Place
         raise ValueError(f"{cfg.name} ({mode}, {sum(used.values()) / 1e9:.1f} GB) does not fit max_memory: "
                          f"{sum(left.values()) / 1e9:.1f} GB left over; add room or a 'disk' entry")  # fmt: skip
     return Placement(mode, dict(device_map), used, budgets)
+
+
+def _param_bytes(model: torch.nn.Module, name: str) -> int:
+    t = model.get_parameter(name)
+    return t.numel() * t.element_size()
 
 
 def _budgets(max_memory: dict) -> dict[int | str, int]:
