@@ -93,3 +93,41 @@ def test_the_cache_stays_bounded_when_threads_share_it():
         list(pool.map(lambda i: cache.get(i % 25, lambda: torch.full((16,), float(i % 25))), range(2000)))
     assert cache.bytes == sum(v.numel() * v.element_size() for v in cache.entries.values()) <= 640
     assert cache.hits + cache.misses == 2000 and len(cache.entries) <= 10
+
+
+def test_reads_run_ahead_of_compute_on_one_thread_and_change_nothing(checkpoint):
+    """Once a layer's router has picked, the experts it uses are read in the background in the order the MoE
+    takes them; at most `ahead` reads are held beyond the cache; a failed read surfaces in the forward."""
+    import threading
+
+    ref = v4lens.load(checkpoint)
+    model = v4lens.load(checkpoint, expert_offload="disk", expert_cache="1B")  # nothing fits: every use a read
+    threads, held = set(), []
+    cache = model.expert_cache
+    for name, w in model.named_parameters():
+        if isinstance(w, OffloadedExperts):
+            def fetch(e, inner=w.fetch):
+                threads.add(threading.current_thread().name)
+                held.append(len(cache._pending))
+                return inner(e)
+            w.fetch = fetch
+    tokens = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(ref(tokens), model(tokens))
+    assert cache.prefetched > 0.8 * cache.misses and cache.bytes == 0
+    assert any(t.startswith("v4lens-experts") for t in threads) and max(held) <= cache.ahead
+    cache.ahead = 0  # read-ahead off: every read on the forward's own thread
+    threads.clear()
+    before = cache.prefetched
+    with torch.no_grad():
+        assert torch.equal(ref(tokens), model(tokens))
+    assert cache.prefetched == before and not any(t.startswith("v4lens-experts") for t in threads)
+    cache.ahead = 6
+    w = model.blocks[1].mlp.experts.w3
+
+    def broken(e):
+        raise OSError(f"expert {e} unreadable")
+
+    w.fetch = broken
+    with pytest.raises(OSError, match="unreadable"), torch.no_grad():
+        model(tokens)

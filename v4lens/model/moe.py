@@ -60,6 +60,9 @@ class Experts(nn.Module):
             outputs = x.new_zeros(N * k, x.shape[-1])
         else:
             outputs = x.new_zeros(N, x.shape[-1], dtype=torch.float32)
+        prefetch = getattr(self.w1, "prefetch", None)  # experts kept elsewhere: start reading the ones used
+        if prefetch is not None:
+            prefetch([e for e, count in enumerate(counts) if count], self.w3, self.w2)
         start = n_empty  # empty slots (-1) sort first
         for expert, count in enumerate(counts):
             if count == 0:

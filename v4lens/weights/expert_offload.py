@@ -11,15 +11,22 @@ bytes (`model.expert_cache`: hits, misses, bytes). So a layer moves only the exp
 and the outputs are the resident model's bit for bit.
 
 Whole-tensor use of offloaded experts (anything but reading one expert) raises, naming the way out;
-so do in-place edits. Not built yet: reading the next layer's experts while this one computes.
+so do in-place edits.
+
+Reads overlap compute: once a layer's router has picked, the MoE names the experts it will use
+(`OffloadedExperts.prefetch`), and one background thread reads (and dequantises, and copies to the
+device) the next `ExpertCache.ahead` of them while the current one computes; what the read-ahead
+holds is bounded by `ahead` experts beyond the cache. The next layer's picks are not known before its
+router runs, so reads never cross a layer boundary.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -30,12 +37,17 @@ EXPERTS = re.compile(r"\.mlp\.experts\.w[123]$")
 
 
 class ExpertCache:
-    """Experts on the compute device, least recently used first out, at most `max_bytes` in all."""
+    """Experts on the compute device, least recently used first out, at most `max_bytes` in all; plus a
+    read-ahead of at most `ahead` tensors (one thread) over the order `schedule` was given."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, ahead: int = 6):
         self.max_bytes, self.entries, self.bytes = max_bytes, OrderedDict(), 0
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.prefetched = 0
+        self.ahead = ahead  # tensors read ahead (3 per expert: w1, w3, w2); 0 turns the read-ahead off
         self._lock = threading.Lock()  # forwards on several threads may share a model (and its cache)
+        self._queue: deque = deque()  # (key, fetch) still to read ahead, in the order they will be used
+        self._pending: dict = {}  # key -> Future of a read in flight or done, not yet taken
+        self._reader: ThreadPoolExecutor | None = None
 
     def get(self, key, fetch: Callable[[], torch.Tensor]) -> torch.Tensor:
         with self._lock:
@@ -44,7 +56,10 @@ class ExpertCache:
                 self.entries.move_to_end(key)
                 return self.entries[key]
             self.misses += 1
-        value = fetch()  # outside the lock: reads of different experts may overlap
+            future = self._pending.pop(key, None)
+            self.prefetched += future is not None
+        value = future.result() if future is not None else fetch()  # outside the lock: reads may overlap
+        self._top_up()
         size = value.numel() * value.element_size()
         with self._lock:
             if size <= self.max_bytes and key not in self.entries:
@@ -55,14 +70,37 @@ class ExpertCache:
                     self.bytes -= old.numel() * old.element_size()
         return value
 
+    def schedule(self, jobs: list[tuple[object, Callable[[], torch.Tensor]]]) -> None:
+        """The reads a forward is about to make, in order: start reading the first `ahead` of them (those not
+        cached or already in flight), and the next one each time one is taken."""
+        if self.ahead <= 0:
+            return
+        with self._lock:
+            self._queue = deque((key, fetch) for key, fetch in jobs if key not in self.entries and key not in self._pending)
+        self._top_up()
+
+    def _top_up(self) -> None:
+        with self._lock:
+            while self._queue and len(self._pending) < self.ahead:
+                key, fetch = self._queue.popleft()
+                if key in self.entries or key in self._pending:
+                    continue
+                if self._reader is None:
+                    self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="v4lens-experts")
+                self._pending[key] = self._reader.submit(fetch)
+
     def clear(self) -> None:
         with self._lock:
             self.entries.clear()
             self.bytes = 0
+            self._queue.clear()
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.cancel()
 
     def __repr__(self) -> str:
         return (f"ExpertCache({len(self.entries)} experts, {self.bytes / 2**20:.1f} of {self.max_bytes / 2**20:.1f} MiB; "
-                f"{self.hits} hits, {self.misses} misses)")  # fmt: skip
+                f"{self.hits} hits, {self.misses} misses, {self.prefetched} read ahead)")  # fmt: skip
 
 
 class OffloadedExperts(torch.Tensor):
@@ -81,13 +119,24 @@ class OffloadedExperts(torch.Tensor):
 
     def expert(self, e: int) -> torch.Tensor:
         """Expert e on the compute device, in the model's dtype (cached)."""
+        return self.cache.get(self._key(e), self._bring(e))
 
+    def prefetch(self, experts: list[int], *others: OffloadedExperts) -> None:
+        """The experts a forward is about to read, in order, from this weight and `others` (the same
+        experts' other matrices, read in the order given): start reading them in the background."""
+        weights = (self, *others)
+        self.cache.schedule([(w._key(e), w._bring(e)) for e in experts for w in weights])
+
+    def _key(self, e: int) -> tuple:
+        return (self.key, str(self.device), e)
+
+    def _bring(self, e: int) -> Callable[[], torch.Tensor]:
         def bring():
             w = self.fetch(e)
             w = w.dequantize(self.dtype) if hasattr(w, "stored_tensors") else w
             return w.to(device=self.device, dtype=self.dtype)
 
-        return self.cache.get((self.key, str(self.device), e), bring)
+        return bring
 
     def stored_tensors(self) -> tuple:  # nothing of it is resident: fingerprints and memory checks skip it
         return ()
