@@ -131,3 +131,14 @@ def test_reads_run_ahead_of_compute_on_one_thread_and_change_nothing(checkpoint)
     w.fetch = broken
     with pytest.raises(OSError, match="unreadable"), torch.no_grad():
         model(tokens)
+
+
+def test_max_memory_counts_the_expert_cache_and_experts_held_in_host_memory(checkpoint):
+    from v4lens.weights.memory import ModelTooLargeError
+
+    resident = model_bytes(v4lens.load(checkpoint, expert_offload="disk", expert_cache="1KB"))
+    v4lens.load(checkpoint, expert_offload="disk", expert_cache="1KB", max_memory=resident + 1_000_000)
+    with pytest.raises(ModelTooLargeError, match="expert_offload"):  # the 4 MB cache no longer fits beside the rest
+        v4lens.load(checkpoint, expert_offload="disk", expert_cache="4MB", max_memory=resident + 1_000_000)
+    with pytest.raises(ModelTooLargeError):  # "cpu" on a CPU device: the experts are in the same memory
+        v4lens.load(checkpoint, expert_offload="cpu", expert_cache="1KB", max_memory=resident + 1_000_000)

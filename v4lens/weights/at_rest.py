@@ -118,12 +118,13 @@ def quantized_targets(model, ckpt) -> dict[str, dict]:
     return out
 
 
-def build_quantized(cfg, ckpt, device=None, max_memory=None, model=None, keep: bool = True):
+def build_quantized(cfg, ckpt, device=None, max_memory=None, model=None, keep: bool = True, reserve: int = 0):
     """A HookedV4 of `cfg` whose quantised checkpoint tensors are `QuantizedWeight`s (read as stored) and whose
     other tensors are allocated on `device`, unfilled (`load_tensors` fills them). Returns (model, the stored
     keys already read). The memory check counts the quantised weights at their stored size.
     model: a meta-device model to finish instead (its tensors already set elsewhere, e.g. offloaded experts,
-    are left alone); keep=False: keep nothing quantised, only allocate."""
+    are left alone); keep=False: keep nothing quantised, only allocate; reserve: bytes the memory check adds
+    (an expert cache)."""
     from ..model import HookedV4
     from .memory import check_memory, model_bytes
 
@@ -148,7 +149,7 @@ def build_quantized(cfg, ckpt, device=None, max_memory=None, model=None, keep: b
                                  f"{'' if expert is None else f'[{expert}]'} expects {want}")  # fmt: skip
             stored += ckpt.stored_nbytes(key)
     dense = sum(params[n].numel() * params[n].element_size() for n in targets if n in params)
-    check_memory(cfg, device, max_memory, model_bytes(model) - dense + stored)  # offloaded experts count 0
+    check_memory(cfg, device, max_memory, model_bytes(model) - dense + stored + reserve)  # offloaded experts count 0
 
     device = torch.device(device or "cpu")
     for name, keys in targets.items():

@@ -22,6 +22,7 @@ router runs, so reads never cross a layer boundary.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import OrderedDict, deque
@@ -214,7 +215,8 @@ def offload_experts(model, ckpt, source: str, cache: ExpertCache, device, keep_q
 
 def build_offloaded(cfg, ckpt, device, max_memory, source: str, cache_bytes: int, keep_quantized: bool):
     """A HookedV4 with offloaded routed experts (`offload_experts`), the rest on `device` (FP8 tensors kept as
-    stored with keep_quantized). Returns (model, stored keys already read)."""
+    stored with keep_quantized). `max_memory` must hold the resident weights, the expert cache and the
+    read-ahead. Returns (model, stored keys already read)."""
     from ..model import HookedV4
     from .at_rest import build_quantized
 
@@ -222,5 +224,10 @@ def build_offloaded(cfg, ckpt, device, max_memory, source: str, cache_bytes: int
         model = HookedV4(cfg)
     model.expert_cache = ExpertCache(cache_bytes)
     handled = offload_experts(model, ckpt, source, model.expert_cache, device or "cpu", keep_quantized)
-    model, read = build_quantized(cfg, ckpt, device, max_memory, model=model, keep=keep_quantized)
+    matrix = cfg.moe_inter_dim * cfg.d_model * cfg.dtype.itemsize  # one expert matrix on the device
+    reserve = cache_bytes + model.expert_cache.ahead * matrix  # max_memory covers the cache and the read-ahead
+    if source == "cpu" and torch.device(device or "cpu").type == "cpu":  # experts "off" the device are in its memory
+        reserve += sum(ckpt.stored_nbytes(k) if keep_quantized and ckpt.is_quantized(k)
+                       else math.prod(ckpt.shape(k)) * cfg.dtype.itemsize for k in handled)  # fmt: skip
+    model, read = build_quantized(cfg, ckpt, device, max_memory, model=model, keep=keep_quantized, reserve=reserve)
     return model, read | handled

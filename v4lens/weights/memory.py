@@ -115,8 +115,9 @@ def check_memory(cfg: V4Config, device=None, max_memory=None, nbytes: int | None
         f"{cfg.name} needs {_size(need)} ({params / 1e9:.2f}B parameters in {str(cfg.dtype).removeprefix('torch.')}) "
         f"but {what} is {_size(limit)}: not building it. Options: a smaller preset (tiny, mini-3b);{bf16} a "
         "checkpoint sliced down to a smaller config (`v4lens slice`, v4lens.slice_checkpoint); a device with more "
-        "memory (device='cuda'); or max_memory=... if you know more is free. v4lens holds every weight "
-        "dequantised on one device: it has no quantised weights at rest and no device map."
+        "memory (device='cuda'); max_memory=... if you know more is free; or, for a checkpoint, keep_quantized=True "
+        "(FP8 / FP4 weights as stored), expert_offload='cpu' | 'disk' (routed experts off the device) or "
+        "device_map='auto' with max_memory={device: budget} (blocks over devices, CPU and disk)."
     )
 
 
