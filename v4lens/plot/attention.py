@@ -15,7 +15,7 @@ import math
 import plotly.graph_objects as go
 import torch
 
-from ..analysis import stats
+from ..analysis import stats, token_space
 from . import style
 from .retrieval import MAX_ENTRIES, entry_labels, keep_columns, layer_info, one_prompt, query_rows, token_strings
 
@@ -23,7 +23,8 @@ from .retrieval import MAX_ENTRIES, entry_labels, keep_columns, layer_info, one_
 @torch.no_grad()
 def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0, positions=None,
                       max_positions: int = style.MAX_POSITIONS, focus: int | None = None,
-                      max_entries: int = MAX_ENTRIES, cell_text: bool | None = None) -> go.Figure:  # fmt: skip
+                      max_entries: int = MAX_ENTRIES, cell_text: bool | None = None,
+                      space: str = "candidates") -> go.Figure:  # fmt: skip
     """One head's attention over each query's candidates: window tokens, compressed entries, sink.
 
     Heatmap: y = query positions ("pos·token", first at the top); x = candidate columns in three
@@ -37,13 +38,26 @@ def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0
     the last). When a layer has more than max_entries compressed columns, the largest are kept and
     the rest summed into an "other entries" column (rows still sum to 1).
 
+    space="tokens" draws the same attention over the source tokens instead
+    (`v4lens.analysis.token_attention`): x = tokens 0 … the last query drawn, each compressed
+    entry's probability spread over the tokens it pooled by the compressor's pooling weights, a
+    window token's kept; the sink column stays, so rows still sum to 1 (cells after the query are
+    blank). More than max_entries token columns: the largest are kept, the rest summed into
+    "other tokens".
+
         fig = attention_pattern(model, "The quick brown fox jumps over the lazy dog", layer=1, head=0)
+        fig = attention_pattern(model, cache, layer=2, head=0, space="tokens")
     """
     plot = "attention_pattern"
     prefix, _, kind, ratio = layer_info(model, layer)
     H = model.cfg.n_heads
     if not -H <= head < H:
         raise IndexError(f"{plot}: head {head} out of range ({H} heads)")
+    if space not in ("candidates", "tokens"):
+        raise ValueError(f"{plot}: space must be 'candidates' or 'tokens', got {space!r}")
+    if space == "tokens":
+        return _token_space(model, source, prefix, head % H, batch, positions, max_positions, focus, max_entries,
+                            cell_text)  # fmt: skip
     names = [f"{prefix}.attn.hook_key_index", f"{prefix}.attn.hook_pattern", f"{prefix}.attn.hook_sink"]
     cache = style.as_cache(model, source, names_filter=names)
     key_index = one_prompt(cache, names[0], batch, plot)  # [p,K]
@@ -102,6 +116,47 @@ def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0
         colorscale=style.SEQUENTIAL, zmin=0, zmax=1, colorbar={"title": "p"},
     )  # fmt: skip
     _group_marks(fig, [("window", 0, W), ("compressed", W, len(xlabels) - 1), ("sink", len(xlabels) - 1, len(xlabels))])
+    fig.update_yaxes(autorange="reversed", type="category")
+    fig.update_xaxes(type="category", tickangle=-45)
+    return fig
+
+
+def _token_space(model, source, prefix: str, head: int, batch: int, positions, max_positions: int,
+                 focus: int | None, max_tokens: int, cell_text: bool | None) -> go.Figure:  # fmt: skip
+    """attention_pattern(space="tokens"): one head's `token_attention` over the source tokens, plus the sink."""
+    plot = "attention_pattern"
+    cache = style.as_cache(model, source, names_filter=token_space.names(model, prefix))
+    n_rows = one_prompt(cache, f"{prefix}.attn.hook_key_index", batch, plot).shape[0]
+    _, qpos = query_rows(cache, n_rows, max_positions, focus, positions)
+    res = token_space.token_attention(model, cache, prefix, queries=qpos, heads=[head])
+    b = batch if getattr(cache, "has_batch_dim", True) else 0
+    probs, sink = res.pattern[b, 0].cpu(), res.sink[b, 0].cpu()  # [P,S], [P]
+    last = max(qpos)
+    future = torch.arange(last + 1)[None, :] > torch.tensor(qpos)[:, None]  # [P, tokens]: after the query
+    probs = probs[:, : last + 1].masked_fill(future, math.nan)
+    cols = keep_columns(probs, max_tokens)
+    dropped = sorted(set(range(last + 1)) - set(cols))
+    parts = [probs[:, cols]] + ([probs[:, dropped].nansum(-1, keepdim=True)] if dropped else []) + [sink[:, None]]
+    z = torch.cat(parts, dim=1)  # [P, columns]
+    labels = style.token_labels(model, cache, batch=batch)
+    xlabels = [labels[t] for t in cols] + (["other tokens"] if dropped else []) + ["sink"]
+    ylabels = [labels[p] for p in qpos]
+    hover = [[f"query {ylabels[i]}<br>{'token ' if j < len(cols) else ''}{x}: "
+              + ("–" if math.isnan(z[i, j]) else f"p = {float(z[i, j]):.4f}") for j, x in enumerate(xlabels)]
+             for i in range(len(qpos))]  # fmt: skip
+    if cell_text is None:
+        cell_text = len(qpos) * len(xlabels) <= 1200
+    text = [["" if math.isnan(v) else f"{v:.2f}" for v in row] for row in z.tolist()]
+    fig = style.figure(
+        f"Attention in token space · {style.layer_label(model, prefix)} · head {head} (entries spread over their tokens)",
+        height=min(2400, max(420, 16 * len(qpos) + 200)), xaxis_title="source token", yaxis_title="query position·token",
+    )  # fmt: skip
+    fig.add_heatmap(
+        z=z.numpy(), x=xlabels, y=ylabels, hovertext=hover, hoverinfo="text", text=text,
+        texttemplate="%{text}" if cell_text else None, textfont={"size": 9}, name="probability",
+        colorscale=style.SEQUENTIAL, zmin=0, zmax=1, colorbar={"title": "p"},
+    )  # fmt: skip
+    _group_marks(fig, [("tokens", 0, len(xlabels) - 1), ("sink", len(xlabels) - 1, len(xlabels))])
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", tickangle=-45)
     return fig
