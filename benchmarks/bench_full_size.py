@@ -10,7 +10,8 @@ stay small) and no draft module. Each mode runs in its own fresh process:
 * resident bf16: `v4lens.load(path, dtype=bf16)` (dequantised on load);
 * as stored: `v4lens.load(path, dtype=bf16, keep_quantized=True)` (FP8 / FP4 in memory, dequantised at use);
 * experts from disk: `v4lens.load(path, dtype=bf16, keep_quantized=True, expert_offload="disk")` (each
-  expert the router picks read from the checkpoint's files, through a cache of `--expert-cache` bytes);
+  expert the router picks read from the checkpoint's files, through a cache of `--expert-cache` bytes,
+  read ahead of compute on a background thread; "experts-sync": the same with the read-ahead off);
 * layers on disk: `v4lens.load(path, dtype=bf16, device_map={...: "disk"}, offload_folder=...)` (each
   layer read back from the offload folder for its own forward).
 
@@ -104,19 +105,21 @@ def worker(spec: dict) -> None:
     kwargs = {"dtype": torch.bfloat16}
     if spec["mode"] == "stored":
         kwargs["keep_quantized"] = True
-    elif spec["mode"] == "experts":
+    elif spec["mode"] in ("experts", "experts-sync"):
         kwargs |= {"keep_quantized": True, "expert_offload": "disk", "expert_cache": spec["expert_cache"]}
     elif spec["mode"] == "disk":
         main = {m: spec["device"] for m in ("embed", "hc_head", "ln_final", "head")}
         kwargs |= {"device_map": main | {f"blocks.{i}": "disk" for i in range(spec["layers"])},
                    "offload_folder": spec["offload"]}  # fmt: skip
-    if spec["device"] != "cpu" and spec["mode"] == "experts":
+    if spec["device"] != "cpu" and spec["mode"].startswith("experts"):
         kwargs["device"] = spec["device"]
     elif spec["device"] != "cpu" and spec["mode"] != "disk":
         kwargs["device_map"] = {m: spec["device"] for m in ("embed", "hc_head", "ln_final", "head", "blocks")}
     t0 = time.perf_counter()
     model = v4lens.load(spec["path"], **kwargs)
     load_s = time.perf_counter() - t0
+    if spec["mode"] == "experts-sync":
+        model.expert_cache.ahead = 0  # every expert read on the forward's own thread, when it is used
     after_load = _rss("VmRSS:") - before
     sync = torch.cuda.synchronize if spec["device"] != "cpu" else (lambda: None)
     tokens = (torch.arange(spec["tokens"]) * 7919 % model.cfg.d_vocab)[None].to(model.device)
@@ -190,6 +193,7 @@ def main(argv=None) -> int:
 
     labels = {"resident": "resident bf16 (dequantised on load)", "stored": "as stored (keep_quantized=True)",
               "experts": "experts from disk (expert_offload='disk', the rest as stored)",
+              "experts-sync": "experts from disk, no read-ahead (expert_cache.ahead = 0)",
               "disk": "layers on disk (device_map, offload_folder)"}  # fmt: skip
     lines = [f"# {args.layers} full-width V4-Flash layer(s), {args.experts} FP4 experts, on {args.device}", "",
              (f"Checkpoint: {info['bytes'] / 1e9:.2f} GB on disk ({info['params'] / 1e9:.2f}B parameters, vocabulary "
