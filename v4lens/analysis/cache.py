@@ -12,13 +12,14 @@ from collections.abc import Iterator
 import einops
 import torch
 from transformer_lens.ActivationCache import ActivationCache
-from transformer_lens.utilities import get_act_name
 from transformer_lens.utilities.slice import Slice
 
+from .cache_compat import ResidualMethods
+from .hook_names import resolve_hook_name
 from .layout import position_axis
 
 
-class V4ActivationCache(ActivationCache):
+class V4ActivationCache(ResidualMethods, ActivationCache):
     """`cache[name]` / `cache["attn_out", 3]` as in TransformerLens, with stream-aware slicing,
     stacking over layers, the streams at every block boundary, and logit lenses.
 
@@ -26,8 +27,13 @@ class V4ActivationCache(ActivationCache):
     positions: the absolute positions [p] the cached position axis holds (None: all, 0..S-1).
 
     Short keys: `cache["streams_post", 3]`, `cache["attn_hc.hook_comb", 3]`, `cache["topk", 1]`
-    (any unique `.hook_{name}` in block 3) work besides TransformerLens's `cache["pattern", 3]`.
-    `cache["resid_post", 3]` raises: the residual is n streams, `cache["streams_post", 3]`.
+    (the one `hook_{name}` of block 3) work besides TransformerLens's `cache["pattern", 3]`;
+    `cache["comb", 3]` (two of them) raises a KeyError listing both, `cache["comb", 3, "mlp_hc"]`
+    picks one. `cache["resid_post", 3]` raises: the residual is n streams, `cache["streams_post", 3]`.
+
+    TransformerLens's residual methods (`decompose_resid`, `stack_head_results`, `logit_attrs`,
+    `get_full_resid_decomposition`, `apply_ln_to_stack`, `accumulated_resid`, ...) work on what
+    each reader of the streams collapses them to (`cache_compat`); the MLP-neuron and SSM ones raise.
     """
 
     def __init__(self, cache_dict, model, has_batch_dim: bool = True, tokens=None, positions=None):
@@ -42,39 +48,20 @@ class V4ActivationCache(ActivationCache):
         return self.cache_dict[self._resolve(key)]
 
     def _resolve(self, key) -> str:
-        """Full hook name for `key`: a name, a TransformerLens shorthand, or (name, layer[, sublayer])."""
-        if isinstance(key, str):
-            candidates, layer, short = [get_act_name(key)], None, key
-        else:
-            short, layer, *rest = tuple(key) + (None,) * (2 - len(key))
-            if layer is not None and layer < 0:
-                layer += self.model.cfg.n_layers
-            candidates = [get_act_name(short, layer, *rest[:1])]
-            if layer is not None:
-                # v4lens suffixes: ("attn_hc.hook_comb", 2), ("streams_post", 2)
-                candidates += [f"blocks.{layer}.{short}", f"blocks.{layer}.hook_{short}"]
-        for name in candidates:
-            if name in self.cache_dict:
-                return name
-        if layer is not None:  # a unique ".hook_{short}" inside the block: ("topk", 1), ("expert_ids", 2)
-            ending = short if short.startswith("hook_") else f"hook_{short}"
-            found = [n for n in self.cache_dict if n.startswith(f"blocks.{layer}.") and n.endswith("." + ending)]
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise KeyError(f"{key!r} is ambiguous in this cache: {found}")
-        hint = ""
-        if "resid" in short:
-            hint = (
-                " v4lens's residual is n parallel streams [b, p, n, d], cached as blocks.{l}.hook_streams_pre/mid/post:"
-                " use cache['streams_post', l], cache.streams(l) or cache.accumulated_streams()."
+        """Full hook name for `key`: a name, a short name, or (name, layer[, layer_type]) (`hook_names`).
+
+        Resolved against the model's hooks (so `("comb", 1)` is ambiguous whatever was cached), then
+        checked to be in this cache.
+        """
+        names = set(self.cache_dict) | set(getattr(self.model, "hook_dict", ()))
+        n_layers = getattr(getattr(self.model, "cfg", None), "n_layers", None)
+        name = resolve_hook_name(key, names, n_layers)
+        if name not in self.cache_dict:
+            raise KeyError(
+                f"{key!r} is {name!r}, which is not in this cache (not cached by the names_filter, after"
+                " stop_at_layer, or a hook that did not fire: docs/hooks.md lists when each one fires)"
             )
-        elif short in ("k", "v", "hook_k", "hook_v", "attn.hook_k", "attn.hook_v"):
-            hint = (
-                " V4 attention is multi-query with one shared key = value vector per token: blocks.{l}.attn.hook_kv"
-                " [b, p, c] (and compressed entries in attn.compressor.hook_kv)."
-            )
-        raise KeyError(f"{key!r} is not in this cache (tried {candidates}).{hint}")
+        return name
 
     def streams(self, layer: int, where: str = "post") -> torch.Tensor:
         """The n streams around block `layer`: where = "pre" | "mid" | "post" -> [b, p, n, d]."""
