@@ -97,7 +97,7 @@ def run_worker(spec: dict) -> None:
             extra = {"speculative": True} if job == "v4lens-spec" else {}
 
             def generate(toks, n):
-                r = model.generate(toks, max_new_tokens=n, stop_at_eos=False, **extra)
+                r = model.generate(toks, max_new_tokens=n, stop_at_eos=False, return_type="generation", **extra)
                 return r.new_tokens, getattr(r, "mtp_acceptance", None)
 
         generate(warm, 2)  # warm-up: a prefill and one decode step on a short prompt

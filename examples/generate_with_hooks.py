@@ -35,7 +35,7 @@ def main(argv=None):
     layer = cfg.n_layers - 1 if args.layer is None else args.layer
     csa = next((l for l in range(cfg.n_layers) if cfg.layer_type(l) == "csa"), None)
 
-    plain = model.generate(tokens, args.new, stop_at_eos=False)
+    plain = model.generate(tokens, args.new, stop_at_eos=False, return_type="generation")
     print(f"{args.model}, prompt {args.prompt!r}\n  greedy: {plain.text[0]!r} ({plain.forwards} forwards)")
 
     def first_experts(ids, hook):
@@ -49,7 +49,7 @@ def main(argv=None):
     hooks = [(f"blocks.{layer}.mlp.hook_expert_ids", first_experts)]
     if csa is not None:
         hooks.append((f"blocks.{csa}.attn.indexer.hook_topk", record_picks))
-    steered = model.generate(tokens, args.new, stop_at_eos=False, fwd_hooks=hooks)
+    steered = model.generate(tokens, args.new, stop_at_eos=False, fwd_hooks=hooks, return_type="generation")
     changed = int((steered.new_tokens != plain.new_tokens).sum())
     print(f"  layer {layer} routed to experts 0..{cfg.n_activated_experts - 1}: {steered.text[0]!r}"
           f" ({changed} of {args.new} tokens differ)")  # fmt: skip
@@ -57,7 +57,7 @@ def main(argv=None):
         print(f"  layer {csa} indexer picks for the last prompt token and the first new ones: {picks[:3]}")
 
     if cfg.n_mtp_layers:
-        spec = model.generate(tokens, args.new, stop_at_eos=False, speculative=True)
+        spec = model.generate(tokens, args.new, stop_at_eos=False, speculative=True, return_type="generation")
         same = torch.equal(spec.new_tokens, plain.new_tokens)
         print(f"  speculative (MTP drafts): {'same tokens as greedy' if same else 'differs from greedy (bf16 rounding)'}, "
               f"{spec.forwards} forwards, {spec.mtp_acceptance:.0%} of drafts kept")  # fmt: skip

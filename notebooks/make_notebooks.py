@@ -1025,9 +1025,9 @@ and gives the same logits as a full forward.
 """),
     code("""
 prompt = tokens[:16, :-1]                      # up to the queried key: the answer comes next
-out = model.generate(prompt, max_new_tokens=1)
+out = model.generate(prompt, max_new_tokens=1, return_type="generation")
 print("generated the answer:", (out.new_tokens[:, 0] == answer[:16]).float().mean().item())
-ablated = model.generate(prompt, max_new_tokens=1, fwd_hooks=no_picks)
+ablated = model.generate(prompt, max_new_tokens=1, fwd_hooks=no_picks, return_type="generation")
 print("... without the indexer's picks:", (ablated.new_tokens[:, 0] == answer[:16]).float().mean().item())
 
 kv = v4lens.V4KVCache()
@@ -1243,8 +1243,8 @@ The output is exactly plain greedy decoding's; only the number of forwards chang
 """),
     code("""
 N = 40
-plain = model.generate(prompt, max_new_tokens=N)
-spec = model.generate(prompt, max_new_tokens=N, speculative=True)
+plain = model.generate(prompt, max_new_tokens=N, return_type="generation")
+spec = model.generate(prompt, max_new_tokens=N, speculative=True, return_type="generation")
 print("same tokens as plain greedy:", torch.equal(spec.tokens, plain.tokens), "|", repr(plain.text[0][:60]))
 print(f"forwards: plain {plain.forwards}, speculative {spec.forwards}; draft acceptance {spec.draft_acceptance:.2f}")
 
@@ -1278,7 +1278,7 @@ def oracle(drafts, hook):  # [b, K]: draft k guesses position p+2+k
     return drafts
 
 oracle_hooks = [("dspark.stages.0.attn.hook_key_index", block_start), ("dspark.hook_drafts", oracle)]
-right = model.generate(prompt, max_new_tokens=N, speculative=True, fwd_hooks=oracle_hooks)
+right = model.generate(prompt, max_new_tokens=N, speculative=True, fwd_hooks=oracle_hooks, return_type="generation")
 print("same tokens as plain greedy:", torch.equal(right.tokens, plain.tokens))
 print(f"forwards: {right.forwards} for {N} tokens ({N / right.forwards:.1f} tokens per forward); "
       f"draft acceptance {right.draft_acceptance:.2f}")
@@ -1291,7 +1291,7 @@ tokens are distributed as the main model's. Beware of reading its acceptance rat
 both distributions are nearly uniform, p/q ≈ 1, so gibberish drafts are often "accepted".)
 """),
     code("""
-sampled = model.generate(prompt, max_new_tokens=N, speculative=True, temperature=1.0, seed=0)
+sampled = model.generate(prompt, max_new_tokens=N, speculative=True, temperature=1.0, seed=0, return_type="generation")
 print(f"sampled: acceptance {sampled.draft_acceptance:.2f}, {sampled.forwards} forwards")
 """),
     md("""
@@ -1324,7 +1324,7 @@ def noisy_oracle(drafts, hook):
     return drafts
 
 noisy_hooks = [("dspark.stages.0.attn.hook_key_index", block_start), ("dspark.hook_drafts", noisy_oracle)]
-noisy = model.generate(prompt, max_new_tokens=N, speculative=True, fwd_hooks=noisy_hooks)
+noisy = model.generate(prompt, max_new_tokens=N, speculative=True, fwd_hooks=noisy_hooks, return_type="generation")
 print(f"{len(noisy.rounds)} rounds, {noisy.forwards} forwards, draft acceptance {noisy.draft_acceptance:.2f}")
 plot.draft_calibration_plot(noisy).show()
 """),
@@ -1341,7 +1341,7 @@ threshold trades positions checked against drafts accepted.
     code("""
 rows = []
 for t in (None, 0.4, 0.6):
-    out = model.generate(prompt, max_new_tokens=N, speculative=True, draft_threshold=t)
+    out = model.generate(prompt, max_new_tokens=N, speculative=True, draft_threshold=t, return_type="generation")
     rows.append({"draft_threshold": "none: all K" if t is None else t, "rounds": len(out.rounds),
                  "drafts verified": sum(r.verified for r in out.rounds), "forwards": out.forwards,
                  "same tokens as plain greedy": torch.equal(out.tokens, plain.tokens)})

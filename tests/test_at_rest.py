@@ -61,11 +61,10 @@ def test_outputs_hooks_and_decoding_are_bit_identical(checkpoint, dtype):
     for name in cache_ref:
         assert torch.equal(cache_ref[name], cache_kept[name]), name
     plain = ref.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False)
-    assert torch.equal(plain.tokens, kept.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False).tokens)
+    assert torch.equal(plain, kept.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False))
     if ref.cfg.draft == "dspark":
         spec = kept.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False, speculative=True)
-        assert torch.equal(spec.tokens, ref.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False,
-                                                     speculative=True).tokens)  # fmt: skip
+        assert torch.equal(spec, ref.generate(tokens[:1, :6], max_new_tokens=8, stop_at_eos=False, speculative=True))
     with torch.no_grad():  # the decoding cache binds to a kept-quantised model like to any other
         chunked = two_chunks(kept, tokens, 7)
         assert torch.equal(two_chunks(ref, tokens, 7), chunked)

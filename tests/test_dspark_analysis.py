@@ -51,7 +51,8 @@ def test_calibration_counts_and_rates_by_hand():
 
 
 def test_calibration_of_a_generation_reads_its_rounds(model):
-    out = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=15, stop_at_eos=False, speculative=True)
+    out = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=15, stop_at_eos=False, speculative=True,
+                         return_type="generation")
     cal = draft_calibration(out)
     kept = torch.tensor([r.accepted[0] > 0 for r in out.rounds if r.verified > 0], dtype=torch.float64)
     assert int(cal.counts[0]) == kept.numel() and float(cal.observed[0]) == pytest.approx(float(kept.mean()))
@@ -85,7 +86,8 @@ def test_sources_split_the_margin_and_find_the_markov_decisions(model):
 def test_figures_build_and_export(model, tmp_path):
     from v4lens import plot
 
-    out = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=10, stop_at_eos=False, speculative=True)
+    out = model.generate(torch.tensor([[3, 1, 4, 1, 5]]), max_new_tokens=10, stop_at_eos=False, speculative=True,
+                         return_type="generation")
     fig = plot.draft_calibration_plot(out)
     assert len(fig.data) == 4 and fig.data[0].y[0] == pytest.approx(float(draft_calibration(out).observed[0]))
     _, draft = model(torch.tensor([[3, 1, 4, 1, 5]]), draft=True)

@@ -103,7 +103,7 @@ def test_draft_from_cache_refuses_what_it_cannot_use(model):
 
 # ---------------------------------------------------------------- speculative decoding
 def _greedy_continuation(model, prompt, n):
-    return model.generate(prompt, max_new_tokens=n, stop_at_eos=False).new_tokens
+    return model.generate(prompt, max_new_tokens=n, stop_at_eos=False, return_type="generation").new_tokens
 
 
 def test_greedy_speculative_equals_plain_greedy_with_accepted_rejected_and_mixed_rounds(model):
@@ -130,7 +130,8 @@ def test_greedy_speculative_equals_plain_greedy_with_accepted_rejected_and_mixed
         return out
 
     hooks = [("dspark.stages.0.attn.hook_key_index", remember_anchor), ("dspark.hook_drafts", oracle)]
-    out = model.generate(prompt, max_new_tokens=n, stop_at_eos=False, speculative=True, fwd_hooks=hooks)
+    out = model.generate(prompt, max_new_tokens=n, stop_at_eos=False, speculative=True, fwd_hooks=hooks,
+                         return_type="generation")
     assert torch.equal(out.new_tokens[0], truth)
     kept = [r.kept for r in out.rounds]
     assert K in kept and 0 in kept and any(0 < k < K for k in kept)
@@ -142,19 +143,20 @@ def test_greedy_speculative_equals_plain_greedy_with_accepted_rejected_and_mixed
 
 def test_greedy_speculative_equals_plain_greedy_on_a_batch_with_eos(model):
     prompt = _tokens(3, 7, seed=5)
-    plain = model.generate(prompt, max_new_tokens=25, eos_token_id=17)
-    spec = model.generate(prompt, max_new_tokens=25, eos_token_id=17, speculative=True)
+    plain = model.generate(prompt, max_new_tokens=25, eos_token_id=17, return_type="generation")
+    spec = model.generate(prompt, max_new_tokens=25, eos_token_id=17, speculative=True, return_type="generation")
     assert torch.equal(plain.tokens, spec.tokens)
     assert all(r.accepted.shape == (3,) and 0 <= r.kept <= r.verified for r in spec.rounds)
 
 
 def test_confidence_threshold_decides_how_many_drafts_are_verified(model):
     prompt = _tokens(1, 5, seed=6)
-    plain = model.generate(prompt, max_new_tokens=12, stop_at_eos=False)
+    plain = model.generate(prompt, max_new_tokens=12, stop_at_eos=False, return_type="generation")
     K = model.cfg.dspark_block_size
     counts = set()
     for threshold in (None, 1e-9, 0.5, 0.9, 1.0):
-        out = model.generate(prompt, max_new_tokens=12, stop_at_eos=False, speculative=True, draft_threshold=threshold)
+        out = model.generate(prompt, max_new_tokens=12, stop_at_eos=False, speculative=True, draft_threshold=threshold,
+                             return_type="generation")
         assert torch.equal(out.tokens, plain.tokens)
         emitted = 1  # the prefill's token
         for r in out.rounds:
@@ -180,7 +182,8 @@ def _chi_square_of_speculative_sampling(N=1500):
         prompt = torch.tensor([[1, 2, 3, 4, 5]])
         first = m(prompt)[0, -1].softmax(-1)  # token 1 ~ first; token 2 ~ p(. | prompt, token 1)
         second = torch.stack([m(torch.cat([prompt, torch.tensor([[t]])], 1))[0, -1].softmax(-1) for t in range(16)])
-    out = m.generate(prompt.repeat(N, 1), max_new_tokens=3, temperature=1.0, seed=0, speculative=True, stop_at_eos=False)
+    out = m.generate(prompt.repeat(N, 1), max_new_tokens=3, temperature=1.0, seed=0, speculative=True, stop_at_eos=False,
+                     return_type="generation")
     observed = torch.bincount(out.new_tokens[:, 0] * 16 + out.new_tokens[:, 1], minlength=256).double()
     expected = (first[:, None] * second).flatten().double() * N
     order = expected.argsort(descending=True)  # pool the rare cells so every cell expects >= 5
@@ -221,7 +224,7 @@ def test_speculative_arguments(model):
         v4lens.load("tiny-recall").generate(torch.tensor([[1, 2]]), max_new_tokens=2, speculative=True)
     with pytest.raises(ValueError, match="mtp=True"):
         model.generate(prompt, max_new_tokens=3, mtp=True)
-    out = model.generate(prompt, max_new_tokens=1, speculative=True)
+    out = model.generate(prompt, max_new_tokens=1, speculative=True, return_type="generation")
     assert out.new_tokens.shape == (1, 1) and out.rounds == []
 
 

@@ -37,8 +37,8 @@ def test_offloaded_experts_give_the_resident_models_outputs(checkpoint, source, 
     with torch.inference_mode():
         assert torch.equal(two_chunks(ref, tokens, 4), two_chunks(model, tokens, 4))
     prompt = tokens[:1, :5]
-    assert torch.equal(ref.generate(prompt, 5, stop_at_eos=False, speculative=True).tokens,
-                       model.generate(prompt, 5, stop_at_eos=False, speculative=True).tokens)  # fmt: skip
+    assert torch.equal(ref.generate(prompt, 5, stop_at_eos=False, speculative=True),
+                       model.generate(prompt, 5, stop_at_eos=False, speculative=True))  # fmt: skip
 
 
 def test_only_the_picked_experts_move_and_the_cache_keeps_them(checkpoint):

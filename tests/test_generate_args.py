@@ -30,7 +30,7 @@ def test_top_k_must_be_a_positive_int(tiny, top_k):
         tiny.generate("Hi", 2, temperature=1.0, top_k=top_k)
 
 
-@pytest.mark.parametrize("temperature", [-1, -0.001, math.nan, math.inf, "1", None])
+@pytest.mark.parametrize("temperature", [-1, -0.001, math.nan, math.inf, "1"])  # (None: the default)
 def test_temperature_must_be_finite_and_non_negative(tiny, temperature):
     with pytest.raises((ValueError, TypeError), match="temperature"):
         tiny.generate("Hi", 2, temperature=temperature)
@@ -43,12 +43,12 @@ def test_max_new_tokens_must_be_a_non_negative_int(tiny, n):
 
 
 def test_valid_edge_values_still_work(tiny):
-    assert tiny.generate("Hi", 0).new_tokens.shape == (1, 0)
-    greedy = tiny.generate("Hi", 2, stop_at_eos=False)
-    assert torch.equal(tiny.generate("Hi", 2, temperature=0, stop_at_eos=False).tokens, greedy.tokens)
-    sampled = tiny.generate("Hi", 2, temperature=0.7, top_k=1, top_p=1.0, seed=3, stop_at_eos=False)
-    assert torch.equal(sampled.tokens, greedy.tokens)  # top_k=1 samples the argmax
-    assert tiny.generate("Hi", torch.tensor(2), stop_at_eos=False).new_tokens.shape == (1, 2)  # an int tensor counts
+    assert tiny.generate("Hi", 0, return_type="generation").new_tokens.shape == (1, 0)
+    greedy = tiny.generate("Hi", 2, stop_at_eos=False, return_type="tokens")
+    assert torch.equal(tiny.generate("Hi", 2, temperature=0, stop_at_eos=False, return_type="tokens"), greedy)
+    sampled = tiny.generate("Hi", 2, temperature=0.7, top_k=1, top_p=1.0, seed=3, stop_at_eos=False, return_type="tokens")
+    assert torch.equal(sampled, greedy)  # top_k=1 samples the argmax
+    assert tiny.generate("Hi", torch.tensor(2), stop_at_eos=False, return_type="tokens").shape == (1, 4)  # an int tensor
 
 
 def test_sampler_seed_is_checked(tiny):
@@ -60,25 +60,24 @@ def test_sampler_seed_is_checked(tiny):
 
 def test_chat_accepts_a_string_as_one_user_turn(tiny):
     text = "What is the capital of France?"
-    as_str = tiny.generate(text, 2, chat=True, stop_at_eos=False)
-    as_turn = tiny.generate([{"role": "user", "content": text}], 2, chat=True, stop_at_eos=False)
-    assert torch.equal(as_str.tokens, as_turn.tokens)
+    as_str = tiny.generate(text, 2, chat=True, stop_at_eos=False, return_type="tokens")
+    as_turn = tiny.generate([{"role": "user", "content": text}], 2, chat=True, stop_at_eos=False, return_type="tokens")
+    assert torch.equal(as_str, as_turn)
     for bad in (torch.tensor([[0, 5, 6]]), [1, 2, 3], {"role": "user", "content": "x"}, [{"content": "no role"}]):
         with pytest.raises((TypeError, ValueError), match="chat"):
             tiny.generate(bad, 2, chat=True)
 
 
-def test_a_right_padded_token_batch_is_refused_like_the_texts(tiny):
+def test_a_right_padded_token_batch_without_a_mask_is_refused(tiny):
     texts = ["Hello there my dear friend", "Hi"]
-    with pytest.raises(ValueError, match="different lengths"):
-        tiny.generate(texts, 2)
     padded = tiny.to_tokens(texts)
     assert int(padded[1, -1]) == tiny.cfg.pad_token_id
-    with pytest.raises(ValueError, match="pad"):
+    with pytest.raises(ValueError, match="pad.*attention_mask"):
         tiny.generate(padded, 2)
+    # with the mask (or padding_side) each row continues as if alone: tests/test_padding.py
     # rows of the same length (no padding) still generate as a batch
     same = tiny.to_tokens(["Hello there", "Hello there"])
-    out = tiny.generate(same, 2, stop_at_eos=False)
+    out = tiny.generate(same, 2, stop_at_eos=False, return_type="generation")
     assert out.new_tokens.shape == (2, 2) and torch.equal(out.new_tokens[0], out.new_tokens[1])
 
 

@@ -13,6 +13,9 @@ kept on another device or on disk (`offload_dir`), and a long input can run in c
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 from transformer_lens.utilities.slice import Slice
 
@@ -36,7 +39,10 @@ def caching_hooks(
 
     Returns (cache dict filled during the forward, forward hooks, backward hooks); same arguments as
     `HookedRootModule.get_caching_hooks`. An int `pos_slice` keeps a length-1 position axis, as
-    TransformerLens does. Compressed-entry tensors are cached whole.
+    TransformerLens does. Compressed-entry tensors are cached whole. Per-row positions: an integer
+    tensor [b, k] keeps positions pos_slice[i] of row i (a position axis of length k; negative counts
+    from the end), e.g. each row's last real token `pos_slice=last[:, None]`. A 1-D tensor or list is
+    TransformerLens's meaning: the same positions in every row.
     offload_dir: an `OffloadRun` (what `run_with_cache(offload_dir=DIR)` makes): write each tensor,
     as its hook fires, to a file of the run and cache a memory-mapped view of it; the run is moved
     into DIR by `run.commit()` after the forward (`open_offloaded` reopens DIR later). A long run's
@@ -52,12 +58,16 @@ def caching_hooks(
             "forward has finished and the files can be moved into place. Use run_with_cache(..., offload_dir=DIR)"
         )
     cache = {} if cache is None else cache
-    pos_slice = Slice.unwrap(pos_slice)
+    rows = row_positions(pos_slice)  # [b, k] or None
+    pos_slice = Slice.unwrap(pos_slice) if rows is None else Slice(None)
     names_filter = _as_filter(names_filter)
     model.is_caching = True
 
     def save_hook(tensor: torch.Tensor, hook, is_backward: bool = False) -> None:
         t = tensor.detach().to(device)
+        axis = position_axis(hook.name)
+        if rows is not None and axis is not None and t.ndim > axis:
+            t = take_rows(t, rows, axis, hook.name)
         if remove_batch_dim:
             if t.shape[0] != 1:
                 raise ValueError(f"remove_batch_dim needs batch size 1, {hook.name} has {t.shape[0]}")
@@ -71,6 +81,39 @@ def caching_hooks(
     fwd = [(name, save_hook) for name in model.hook_dict if names_filter(name)]
     bwd = [(name, lambda t, hook: save_hook(t, hook, is_backward=True)) for name, _ in fwd] if incl_bwd else []
     return cache, fwd, bwd
+
+
+def row_positions(pos_slice) -> torch.Tensor | None:
+    """`pos_slice` as per-row positions [b, k] (int64) if it is a 2-D integer tensor, array or nested list, else None."""
+    value = pos_slice.slice if isinstance(pos_slice, Slice) and pos_slice.mode == "array" else pos_slice
+    if not isinstance(value, (torch.Tensor, np.ndarray, list)):
+        return None
+    try:
+        rows = torch.as_tensor(np.asarray(value) if isinstance(value, list) else value)
+    except ValueError as err:  # ragged rows
+        raise ValueError(f"pos_slice: every row needs the same number of positions ({err})") from None
+    if rows.ndim < 2:
+        return None  # TransformerLens's meaning: the same positions in every row
+    if rows.ndim != 2 or rows.dtype == torch.bool or rows.is_floating_point() or rows.is_complex():
+        raise ValueError(
+            f"pos_slice: per-row positions must be an integer tensor [b, k] (row i keeps positions pos_slice[i]), "
+            f"got {rows.dtype} of shape {tuple(rows.shape)}; for a [b, p] boolean mask pass the positions it "
+            "selects, the same number per row"
+        )
+    return rows.long()
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor, axis: int, name: str) -> torch.Tensor:
+    """Row i's positions rows[i] of t's position axis `axis` (t batch-first): [b, .., p, ..] -> [b, .., k, ..]."""
+    b, k = rows.shape
+    if t.shape[0] != b:
+        raise ValueError(f"pos_slice: per-row positions have {b} rows, but {name} has batch size {t.shape[0]}")
+    S = t.shape[axis]
+    if int(rows.max()) >= S or int(rows.min()) < -S:
+        raise IndexError(f"pos_slice: per-row positions {int(rows.min())}..{int(rows.max())} are outside "
+                         f"{name}'s {S} positions")  # fmt: skip
+    index = (rows % S).to(t.device).view((b,) + (1,) * (axis - 1) + (k,) + (1,) * (t.ndim - axis - 1))
+    return t.gather(axis, index.expand(t.shape[:axis] + (k,) + t.shape[axis + 1 :]))
 
 
 def _as_filter(names_filter):
@@ -120,13 +163,33 @@ def run_with_cache(
     memory then grows with chunk_len, not with the length) and assemble the chunks' caches into
     the one a single forward gives (`concat_chunk_tensors`). Not with MTP, gradients or a cache of
     your own; with `draft=True` the drafter runs after the last chunk.
+    pos_slice: TransformerLens's forms (an int, a (start, stop[, step]) tuple, positions [k] kept in every
+    row), or per-row positions [b, k] (`caching_hooks`; not with chunk_len, and `cache.positions` is then
+    None: the lens cannot know the rows' targets).
+    names_filter: a name or a list of names must all be hook points of this model (else a KeyError with
+    near matches, before the forward); those that did not fire (return_type=None, stop_at_layer, mtp.*
+    hooks without mtp=True, ...) are listed in a warning.
 
     >>> logits, cache = run_with_cache(model, "The capital of France is", device="cpu", pos_slice=-1)
+    >>> _, cache = run_with_cache(model, tokens, pos_slice=last_positions[:, None])   # one position per row
     """
-    tokens = model._validate_tokens(input)  # text -> tokens once, so the cache can keep them
+    # text -> tokens once (as forward would tokenize it), so the cache can keep them
+    tokens = model._validate_tokens(input, model_kwargs.get("prepend_bos", True), model_kwargs.get("padding_side"))
     if remove_batch_dim and tokens.shape[0] != 1:
         raise ValueError(f"Cannot remove batch dimension from cache with batch size {tokens.shape[0]}")
-    positions = None if pos_slice is None else torch.as_tensor(Slice.unwrap(pos_slice).indices(tokens.shape[1]))
+    if isinstance(names_filter, (str, list, tuple, set)):  # a typo must not cost a forward and cache nothing
+        model.check_hook_names([names_filter] if isinstance(names_filter, str) else list(names_filter))
+    rows = row_positions(pos_slice)
+    if rows is not None:
+        if rows.shape[0] != tokens.shape[0]:
+            raise ValueError(f"pos_slice: per-row positions [b, k] have {rows.shape[0]} rows, the input has "
+                             f"{tokens.shape[0]} (shape {tuple(tokens.shape)})")  # fmt: skip
+        if chunk_len is not None:
+            raise ValueError("pos_slice: per-row positions [b, k] do not work with chunk_len; cache whole positions "
+                             "or run without chunk_len")  # fmt: skip
+    # the absolute positions the cache holds, when every row holds the same ones (lens targets need them)
+    positions = None if pos_slice is None or rows is not None else torch.as_tensor(
+        Slice.unwrap(pos_slice).indices(tokens.shape[1]))  # fmt: skip
     if chunk_len is not None and (incl_bwd or remove_batch_dim or model_args or model_kwargs.get("mtp")
                                   or "past_kv_cache" in model_kwargs):  # fmt: skip
         raise ValueError("chunk_len works with return_type / names_filter / pos_slice / device / offload_dir only")
@@ -157,6 +220,7 @@ def run_with_cache(
         if run is not None:
             run.abort()  # the temporary files go; the previous run in offload_dir is untouched
         raise
+    _warn_unfired(names_filter, cache_dict, model_args, model_kwargs)
     cache_tokens = tokens.to(device) if device is not None else tokens
     return out, V4ActivationCache(
         cache_dict,
@@ -165,6 +229,28 @@ def run_with_cache(
         tokens=cache_tokens[0] if remove_batch_dim else cache_tokens,
         positions=positions,
     )
+
+
+def _warn_unfired(names_filter, cache_dict, model_args, model_kwargs) -> None:
+    """Warn about hooks a name or list `names_filter` asked for that did not fire in the forward."""
+    if not isinstance(names_filter, (str, list, tuple, set)):
+        return  # a function selects what exists; it names nothing that must be there
+    named = [names_filter] if isinstance(names_filter, str) else list(dict.fromkeys(names_filter))
+    missing = [name for name in named if name not in cache_dict]
+    if not missing:
+        return
+    why = []
+    if model_kwargs.get("stop_at_layer") is not None:
+        why.append(f"stop_at_layer={model_kwargs['stop_at_layer']} runs only the blocks below it")
+    if (model_args[:1] or [model_kwargs.get("return_type", "logits")])[0] is None:
+        why.append("return_type=None stops after the last block (no hc_head, ln_final or logits)")
+    if any(name.startswith("mtp.") for name in missing) and not model_kwargs.get("mtp"):
+        why.append("mtp.* hooks fire only with mtp=True")
+    if any(name.startswith("dspark.") for name in missing) and not model_kwargs.get("draft"):
+        why.append("dspark.* hooks fire only with draft=True")
+    why = "; ".join(why) or "that part of the model did not run in this forward"
+    warnings.warn(f"run_with_cache: names_filter asked for {missing}, which did not fire, so the cache lacks them "
+                  f"({why})", stacklevel=3)  # fmt: skip
 
 
 def _chunked_run(model, tokens, chunk_len, names_filter, device, positions, model_kwargs, hook_kwargs):

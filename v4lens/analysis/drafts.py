@@ -9,7 +9,7 @@
   head: the drafted token's share of the base logits U_k (the stages through the shared head) and
   of the Markov bias markov_w2 · markov_w1[y_k], and where the bias changed the pick.
 
-    out = model.generate(prompt, max_new_tokens=200, speculative=True)
+    out = model.generate(prompt, max_new_tokens=200, speculative=True, return_type="generation")
     cal = draft_calibration(out)            # cal.observed, cal.predicted, cal.bins ...
     _, draft = model(tokens, draft=True)
     src = draft_sources(draft)              # src.stage_logit, src.markov_logit, src.markov_decided
@@ -53,12 +53,13 @@ class DraftCalibration:
 
 
 def draft_calibration(rounds, n_bins: int = 10) -> DraftCalibration:
-    """rounds: a `Generation` of `generate(..., speculative=True)` on a DSpark model, or its list of
-    `DraftRound`s (several generations' lists may be concatenated)."""
+    """rounds: a `Generation` (`generate(..., speculative=True, return_type="generation")` on a DSpark model),
+    or its list of `DraftRound`s (several generations' lists may be concatenated)."""
     rounds = getattr(rounds, "rounds", rounds)
     if not isinstance(rounds, (list, tuple)) or not rounds:
         raise ValueError("draft_calibration needs the rounds of a DSpark speculative generation "
-                         "(generate(..., speculative=True) on a DSpark model); got none")  # fmt: skip
+                         "(generate(..., speculative=True, return_type='generation') on a DSpark model); got "
+                         f"{'an empty list' if isinstance(rounds, (list, tuple)) else type(rounds).__name__}")  # fmt: skip
     if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
         raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
     K = rounds[0].drafts.shape[1]

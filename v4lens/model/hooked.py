@@ -27,12 +27,14 @@ from .kv_cache import V4KVCache
 from .loss import lm_cross_entropy
 from .mtp import MTPBlock, run_mtp
 from .norm import RMSNorm
+from .padding import model_inputs
 from .params import is_fp32_island, param
+from .tl_compat import TransformerLensMethods
 
 ReturnType = Literal["logits", "loss", "both"] | None
 
 
-class HookedV4(HookedRootModule):
+class HookedV4(TransformerLensMethods, HookedRootModule):
     """DeepSeek-V4 with a named `HookPoint` on every stream and routing decision (the catalogue: docs/hooks.md).
 
     Build it with `v4lens.load(...)`; `HookedV4(cfg)` alone leaves the weights uninitialised.
@@ -80,33 +82,12 @@ class HookedV4(HookedRootModule):
     def W_E(self) -> torch.Tensor:
         return self.embed.weight
 
-    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True) -> torch.Tensor:
-        """Text -> int64 tokens [b, p] on the model's device.
-
-        BOS is prepended (TransformerLens's default) unless the text already starts with it, as a
-        rendered chat prompt does. A list of strings of different lengths is right-padded with
-        the pad token: causal attention keeps pads from affecting earlier positions.
-        """
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts:
-            raise ValueError("to_tokens got an empty list of strings")
+    def _token_ids(self, text: str, what: str = "text") -> list[int]:
+        """One text -> its token ids, without BOS (`to_tokens` adds it: v4lens.model.padding.text_tokens)."""
         from ..tokenizer import check_text  # a lone surrogate: named with its position, not a tokenizer error
 
-        for i, t in enumerate(texts):
-            check_text(t, "text" if len(texts) == 1 else f"text {i}")
-        rows = []
-        for t in texts:
-            ids = self.tokenizer(t, add_special_tokens=False)["input_ids"]
-            if prepend_bos and (not ids or ids[0] != self.cfg.bos_token_id):
-                ids = [self.cfg.bos_token_id] + ids
-            rows.append(ids)
-        width = max(len(r) for r in rows)
-        if width == 0:
-            raise ValueError("the text tokenizes to nothing; pass non-empty text or prepend_bos=True")
-        out = torch.full((len(rows), width), self.cfg.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        return out.to(self.cfg.device or "cpu")
+        check_text(text, what)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def to_str_tokens(self, input: str | torch.Tensor | Sequence[int], prepend_bos: bool = True) -> list:
         if isinstance(input, str):
@@ -191,7 +172,9 @@ class HookedV4(HookedRootModule):
         logits_to_keep: int = 0,
         draft: bool = False,
         draft_anchor: torch.Tensor | int | None = None,
-    ):
+        prepend_bos: bool = True, padding_side: Literal["left", "right"] | None = None,
+        attention_mask: torch.Tensor | None = None, start_at_layer: int | None = None, tokens: torch.Tensor | None = None,
+    ):  # fmt: skip
         """Run the model.
 
         input: text, list of texts, or int64 tokens [b, p] / [p].
@@ -213,9 +196,16 @@ class HookedV4(HookedRootModule):
         `(result, Draft)` (v4lens.model.dspark). draft_anchor: the token at the position after the last
         (int or int64 [b]) instead of the main head's argmax there. With past_kv_cache the context is the
         cache's ring (the last W positions of the whole sequence), filled by every chunk of a DSpark model.
+        TransformerLens's options (v4lens.model.padding): prepend_bos and padding_side tokenize text;
+        attention_mask [b, p] (1 = real token) or padding_side="left" on tokens (read off leading pads): each
+        row's logits at its real positions equal that row alone. start_at_layer=l: `input` is the streams
+        entering block l [b, p, n, d]; tokens [b, p]: their token ids (hash-routed blocks and the loss need them).
         """
-        tokens = self._validate_tokens(input)
-        draft_anchor = dspark_args(self.cfg, draft, mtp, draft_anchor, tokens.shape[0], tokens.device)
+        x = model_inputs(self, input, prepend_bos=prepend_bos, padding_side=padding_side, attention_mask=attention_mask,
+                         start_at_layer=start_at_layer, tokens=tokens, stop_at_layer=stop_at_layer,
+                         return_type=return_type, mtp=mtp, draft=draft, past_kv_cache=past_kv_cache)  # fmt: skip
+        tokens = x.tokens
+        draft_anchor = dspark_args(self.cfg, draft, mtp, draft_anchor, x.batch, x.device)
         if draft and stop_at_layer is not None:
             raise ValueError("stop_at_layer cannot be combined with draft=True (the drafter needs every layer)")
         stop_at_layer, logits_to_keep, mtp_next_tokens = forward_args(
@@ -228,30 +218,32 @@ class HookedV4(HookedRootModule):
                 stack.enter_context(claim(past_kv_cache, "forward with past_kv_cache", exclusive=True))
                 # a chunk that fails half-way (a hook raising in layer 5, say) must not leave layers 0-4 advanced
                 stack.enter_context(past_kv_cache.transaction())
-            return self._forward(
-                tokens, return_type, mtp=mtp, mtp_next_tokens=mtp_next_tokens, loss_per_token=loss_per_token,
-                past_kv_cache=past_kv_cache, stop_at_layer=stop_at_layer, logits_to_keep=logits_to_keep,
-                draft=draft, draft_anchor=draft_anchor,
+            out = self._forward(
+                tokens, x.run_type(return_type), mtp=mtp, mtp_next_tokens=mtp_next_tokens, loss_per_token=loss_per_token,
+                past_kv_cache=past_kv_cache, stop_at_layer=stop_at_layer, logits_to_keep=x.keep(logits_to_keep),
+                draft=draft, draft_anchor=draft_anchor, streams=x.streams, start=x.start,
             )  # fmt: skip
+            return x.finish(out, return_type, loss_per_token, logits_to_keep, stop_at_layer is not None)
 
     def _forward(self, tokens, return_type, *, mtp, mtp_next_tokens, loss_per_token, past_kv_cache, stop_at_layer,
-                 logits_to_keep, draft=False, draft_anchor=None):  # fmt: skip
-        b, S = tokens.shape
+                 logits_to_keep, draft=False, draft_anchor=None, streams=None, start=0):  # fmt: skip
+        first = tokens if streams is None else streams  # [b, S] or [b, S, n, d]
+        S = first.shape[1]
         if past_kv_cache is not None:
             positions = past_kv_cache.start(tokens, self)
             if mtp and past_kv_cache.length and past_kv_cache.mtp_length != past_kv_cache.length:
                 raise ValueError("mtp=True with past_kv_cache needs every earlier chunk run with mtp=True too")
         else:
-            positions = torch.arange(S, device=tokens.device)
-
-        embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
-        # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
-        streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
+            positions = torch.arange(S, device=first.device)
+        if streams is None:  # (start_at_layer passes the streams entering block `start`)
+            embed = self.hook_embed(F.embedding(tokens, self.embed.weight))
+            # a real copy (repeat, not expand), so hooks can edit hook_streams_pre in place
+            streams = embed[:, :, None, :].repeat(1, 1, self.cfg.hc_mult, 1)
         # DSpark's taps: for a draft, and with a cache on every chunk (its context ring follows the sequence)
         ring = past_kv_cache is not None and self.cfg.draft == "dspark"
         targets, taps = (self.cfg.dspark_target_layer_ids if draft or ring else ()), {}
-        for layer, block in enumerate(self.blocks[:stop_at_layer]):
-            streams = block(streams, positions, tokens, past_kv_cache)
+        for layer in range(start, self.cfg.n_layers if stop_at_layer is None else stop_at_layer):
+            streams = self.blocks[layer](streams, positions, tokens, past_kv_cache)
             if layer in targets:  # DSpark reads these layers' output streams
                 taps[layer] = streams
         if stop_at_layer is not None:
@@ -288,9 +280,9 @@ class HookedV4(HookedRootModule):
         return self.hook_logits(fp32_logits(h, self.head.weight))
 
     # ------------------------------------------------------------------ input checks
-    def _validate_tokens(self, input) -> torch.Tensor:
+    def _validate_tokens(self, input, prepend_bos: bool = True, padding_side=None) -> torch.Tensor:
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
-            input = self.to_tokens(input)
+            input = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)
         input = token_tensor(input, "input")  # lists of ints only: 1.9 or True is not a token id
         if input.ndim == 1:
             input = input[None]
@@ -344,16 +336,16 @@ class HookedV4(HookedRootModule):
     # The model room imports nothing from the rest of v4lens when it is imported (no cycles, and
     # `v4lens.model` stays the network alone). These conveniences are thin doors, each importing
     # its room on first use — the only such imports in the model room:
-    #   tokenizer                           -> v4lens.tokenizer.load_tokenizer (the real V4 tokenizer)
+    #   tokenizer                           -> v4lens.tokenizer.tokenizer_for (real V4, or tiny-recall names)
     #   generate                            -> v4lens.generate.generate
     #   save_pretrained                     -> v4lens.weights.saving.save_pretrained
     #   run_with_cache, get_caching_hooks   -> v4lens.analysis.caching
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from ..tokenizer import load_tokenizer
+            from ..tokenizer import tokenizer_for  # the real V4 tokenizer, or tiny-recall's synthetic names
 
-            self._tokenizer = load_tokenizer()
+            self._tokenizer = tokenizer_for(self.cfg)
         return self._tokenizer
 
     @tokenizer.setter
@@ -361,7 +353,8 @@ class HookedV4(HookedRootModule):
         self._tokenizer = tok
 
     def generate(self, input, max_new_tokens: int = 20, **kwargs):
-        """Greedy or sampled generation with hooks active at every step; see `v4lens.generate.generate`."""
+        """TransformerLens's `generate` (text for text, tokens for tokens; `return_type="generation"`: the whole
+        record), greedy or sampled, with hooks active at every step; see `v4lens.generate.generate`."""
         from ..generate import generate
 
         return generate(self, input, max_new_tokens, **kwargs)

@@ -162,6 +162,10 @@ class MoE(nn.Module):
         weights = self.hook_expert_weights(weights * cfg.route_scale)
 
         flat = (x.reshape(b * S, D), ids.reshape(b * S, -1), weights.reshape(b * S, -1))
+        if cfg.use_expert_out != hasattr(self, "hook_expert_out"):  # cfg edited after the model was built
+            raise RuntimeError(f"cfg.use_expert_out was set to {cfg.use_expert_out} after the model was built; "
+                               f"switch it with model.set_use_expert_out({cfg.use_expert_out}), which adds or "
+                               "removes the blocks.{l}.mlp.hook_expert_out hook points")  # fmt: skip
         if cfg.use_expert_out:  # per-slot outputs exist as a tensor (and can be edited) only when asked for
             slots = self.hook_expert_out(self.experts(*flat, per_slot=True).view(b, S, -1, D))
             routed = slots.float().sum(dim=2)

@@ -1,6 +1,6 @@
 """Figures of the DSpark drafter: is its confidence calibrated, and where do its drafts come from.
 
-    out = model.generate(prompt, max_new_tokens=200, speculative=True)
+    out = model.generate(prompt, max_new_tokens=200, speculative=True, return_type="generation")
     fig = draft_calibration_plot(out)                 # or a DraftCalibration
     _, draft = model(tokens, draft=True)
     fig = draft_sources_bars(model, draft)           # stages vs Markov head, per draft position
