@@ -139,7 +139,7 @@ def test_cli_generate_streams_the_greedy_continuation(capsys):
         assert cli_main(["generate", "tiny", "--prompt", "Hello there", "--max-new-tokens", "5", "--dtype", "fp32", *extra]) == 0
         captured = capsys.readouterr()
         model = v4lens.load("tiny")
-        expected = model.generate("Hello there", 5)
+        expected = model.generate("Hello there", 5, return_type="generation")
         assert captured.out == model.to_string(expected.new_tokens[0]) + "\n"
         assert "5 tokens in" in captured.err
 
@@ -162,8 +162,9 @@ def test_cli_viz_writes_what_it_promises(tmp_path, capsys):
     names = ["expert_load", "routed_vs_shared", "comb_grid", "pre_post_weights", "stream_norms", "sink_mass",
              "indexer_L1", "entries_L1", "entries_L2", "attention_L1_h0", "attention_L2_h0"]  # fmt: skip
     names += [f"router_L{l}" for l in range(4)] + [f"sinkhorn_L{l}" for l in range(4)]
+    assert (out / "plotly.min.js").stat().st_size > 1_000_000  # one plotly.js beside the pages (--plotlyjs directory)
     for name in names:
-        assert (out / f"{name}.html").stat().st_size > 1_000_000, name
+        assert 'src="plotly.min.js"' in (out / f"{name}.html").read_text(), name
         if CHROMIUM is not None:
             assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     assert not (out / "indexer_L2.html").exists()  # layer 2 is HCA: no indexer

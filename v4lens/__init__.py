@@ -6,11 +6,12 @@ The package has four rooms and a few tools (docs/architecture.md):
 - `v4lens.weights` — checkpoints on disk: loading, saving, names, FP8/FP4, slicing, the transformers oracle
 - `v4lens.analysis` — the stream-aware cache, lenses, decomposition, patching, statistics
 - `v4lens.plot` — plotly figures and their export
-- tools: `generate`, `tokenizer`, `train` (with its synthetic `tasks`), `cli`, `demo`
+- tools: `generate`, `speculative`, `tokenizer`, `train` (with its synthetic `tasks`), `activations` (bulk
+  collection to disk for probes and SAEs), `utils` (`get_act_name` for V4's hook names), `cli`, `demo`
 """
 
 from . import _moved
-from .analysis import patching, stats
+from .analysis import experts, patching, stats, token_attention
 from .analysis.cache import V4ActivationCache
 from .analysis.decomposition import decompose, stream_lineage
 from .analysis.lens import LensResult
@@ -34,7 +35,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "PRESETS", "Checkpoint", "HookedV4", "LensResult", "V4ActivationCache", "V4Config", "V4KVCache",
-    "canonical_name", "decompose", "init_weights", "load", "load_tokenizer", "official_name", "open_offloaded",
-    "patching", "preset", "slice_checkpoint", "stats", "stream_lineage",
+    "canonical_name", "decompose", "experts", "init_weights", "load", "load_tokenizer", "official_name", "open_offloaded",
+    "patching", "preset", "slice_checkpoint", "stats", "stream_lineage", "token_attention",
 ]  # fmt: skip
 __version__ = "0.1.0"

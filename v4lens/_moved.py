@@ -64,7 +64,7 @@ def install() -> None:
 
 
 # submodules `import v4lens` does not load itself, reachable as attributes all the same (`v4lens.plot.save`)
-LAZY = ("cli", "demo", "generate", "plot", "tasks", "train")
+LAZY = ("activations", "cli", "demo", "generate", "plot", "speculative", "tasks", "train", "utils")
 
 
 def moved_attribute(name: str):

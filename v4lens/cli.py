@@ -1,12 +1,13 @@
 """The `v4lens` command line (`v4lens --help`, `v4lens COMMAND --help`).
 
     v4lens info mini-3b                                    # config, parameter counts, layer types
-    v4lens run mini-3b --prompt "The capital of France is" [--chat]   # top next-token (and MTP) predictions
-    v4lens viz --model mini-3b --prompt "..." [--layers 2,3] --out figs/   # router / Sinkhorn / indexer figures
+    v4lens run MODEL [--prompt "The capital of France is" [--chat] | --tokens 0,8,KEY_3]   # top next tokens
+    v4lens viz [--model tiny-recall] [--prompt "..."] [--layers 2,3] --out figs/   # router / mHC / indexer figures
     v4lens slice SRC OUT --target mini-3b [--layers 0,1,4,...] [--experts 0-23] [--format official]
 
 A MODEL is a preset name (tiny, tiny-recall, mini-3b; flash, flash-0731, pro, pro-0813 — config only) or a
-checkpoint directory.
+checkpoint directory. Defaults take seconds anywhere: viz draws tiny-recall, --dtype is fp32 below 1B parameters
+(tiny-recall was trained in fp32), bf16 above; with no --prompt / --tokens tiny-recall reads a recall example.
 Exit codes: 0 done; 2 a malformed command line (bad option values, a --target that is no config, --out naming
 a file); 1 any later failure (a value out of range for the loaded model too). Errors are one line on stderr,
 without a traceback unless V4LENS_DEBUG=1.
@@ -18,7 +19,10 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
+import time
+from pathlib import Path
 
 from .cli_info import info as _info
 
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     viz.add_argument("--head", type=_bounded_int(0), default=0, help="attention head to draw (default 0)")
     viz.add_argument("--out", required=True, help="output directory")
     viz.add_argument("--no-png", action="store_true", help="HTML only (PNG export needs Chromium)")
+    viz.add_argument("--plotlyjs", default="directory", choices=["directory", "inline", "cdn"], help="plotly.js: "
+                     "one copy beside the pages (default, offline), in each page (+4.8 MB) or from a CDN")  # fmt: skip
     viz.set_defaults(run=_viz)
     return parser
 
@@ -158,31 +164,60 @@ def _model_and_prompt_args(parser: argparse.ArgumentParser, positional: bool) ->
     if positional:
         parser.add_argument("model", help="preset name or checkpoint directory")
     else:
-        parser.add_argument("--model", default="mini-3b", help="preset name or checkpoint directory (default mini-3b)")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="default bf16")
+        parser.add_argument("--model", default="tiny-recall", help="preset or checkpoint (default tiny-recall)")
+    parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="fp32 below 1B parameters, else bf16")
     parser.add_argument("--device", type=_device, default=None, help="e.g. cuda (default cpu)")
     parser.add_argument("--seed", type=_bounded_int(0, 2**32), default=0, help="seed of a preset's random weights")
-    parser.add_argument("--prompt", required=True, help="the prompt text")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--prompt", help="the prompt text (tiny-recall: token names, e.g. 'BOS FILL_1 KEY_3 VAL_7')")
+    given.add_argument("--tokens", type=_token_list, help="token ids or names, comma separated, used as given (no BOS "
+                       "added), e.g. 0,8,9,10,16,72 or BOS,QUERY,KEY_3")  # fmt: skip
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat template (user turn)")
 
 
+def _token_list(text: str) -> list[int | str]:
+    """'0,8,KEY_3' -> [0, 8, 'KEY_3'] (commas or spaces between; digits are ids, anything else a token's text)."""
+    items = [w for w in re.split(r"[,\s]+", text) if w]
+    if not items or any(re.fullmatch(r"-\d+", w) for w in items):
+        raise argparse.ArgumentTypeError(f"{text!r}: give token ids >= 0 or token names, comma separated")
+    return [int(w) if w.isdigit() else w for w in items]
+
+
 def _load_model(args):
-    """The model, once --prompt is known to be tokenizable (a lone surrogate is a usage error)."""
-    from .tokenizer import check_text
+    """The model, once its input is usable (a lone surrogate in --prompt or no input at all: usage errors)."""
+    from .cli_info import config_of
+    from .tasks import TOKEN_NAMES
+    from .tokenizer import check_text, tokenizer_for
     from .weights.loading import load
 
+    cfg = config_of(args.model)
+    if args.prompt is None and (args.chat or (args.tokens is None and cfg.d_vocab != len(TOKEN_NAMES))):
+        raise UsageError(f"{args.model} needs an input: give --prompt TEXT (--chat wraps it) or --tokens IDS")
     try:
-        check_text(args.prompt, "--prompt")
+        check_text(args.prompt or "", "--prompt")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return load(args.model, dtype=args.dtype, device=args.device, seed=args.seed)
+    dtype = args.dtype or ("fp32" if cfg.param_counts()["total"] < 1e9 else "bf16")  # small: fp32 costs nothing
+    model = load(args.model, dtype=dtype, device=args.device, seed=args.seed)
+    model.tokenizer = tokenizer_for(model.cfg)  # tiny-recall's synthetic names, the V4 tokenizer otherwise
+    return model
 
 
 def _tokens(model, args):
+    import torch
+
+    from .tasks import recall_batch
+
+    if args.tokens is not None:  # ids past the vocabulary: the model's own range check names them
+        ids = [w if isinstance(w, int) else model.to_single_token(w) for w in args.tokens]
+        return torch.tensor([ids], device=model.device)
+    if args.prompt is None:  # the synthetic vocabulary: a recall example without its answer (its last token)
+        tokens = recall_batch(1, torch.Generator().manual_seed(0))["tokens"][:, :-1].to(model.device)
+        print(f"input (no --prompt or --tokens): {model.to_string(tokens[0])}", file=sys.stderr)
+        return tokens
     if args.chat:
-        chat = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
-        )
+        chat = model.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                   add_generation_prompt=True, tokenize=False)  # fmt: skip
         return model.to_tokens(chat, prepend_bos=False)  # the template starts with BOS
     return model.to_tokens(args.prompt)
 
@@ -195,9 +230,8 @@ def _run(args) -> int:
     has_mtp = len(model.mtp) > 0
     out = model(tokens, mtp=True) if has_mtp else model(tokens)
     logits, mtp_logits = (out[0], out[1]) if has_mtp else (out, [])
-    print(
-        f"{model.cfg.name}: {tokens.shape[1]} prompt tokens; last: {model.to_str_tokens(tokens[0, -1:], prepend_bos=False)}"
-    )
+    last = model.to_str_tokens(tokens[0, -1:], prepend_bos=False)
+    print(f"{model.cfg.name}: {tokens.shape[1]} prompt tokens; last: {last}")
     _print_top(model, logits[0, -1], args.top_k, "next token (position t+1)")
     for j, extra in enumerate(mtp_logits):
         _print_top(model, extra[0, -1], args.top_k, f"MTP depth {j} (token t+{2 + j}, after the greedy draft)")
@@ -205,15 +239,13 @@ def _run(args) -> int:
 
 
 def _generate(args) -> int:
-    import time
-
     model = _load_model(args)
     tokens = _tokens(model, args)
-    start = time.perf_counter()
+    start, sep = time.perf_counter(), getattr(model.tokenizer, "word_separator", "")  # tiny-recall: " "
     out = model.generate(
         tokens, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        seed=args.sample_seed, speculative=args.speculative,
-        stream=lambda ids: print(model.to_string(ids[:1]), end="", flush=True),
+        seed=args.sample_seed, speculative=args.speculative, return_type="generation",
+        stream=lambda ids: print(sep + model.to_string(ids[:1]), end="", flush=True),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     n = out.new_tokens.shape[1]
@@ -226,8 +258,6 @@ def _generate(args) -> int:
 
 
 def _viz(args) -> int:
-    from pathlib import Path
-
     from tqdm.auto import tqdm
 
     from . import plot
@@ -277,7 +307,7 @@ def _viz(args) -> int:
     with plot.export_session():
         for section, name, build in tqdm(jobs, desc="figures"):
             fig = build()
-            plot.save(fig, out / f"{name}.html")
+            plot.save(fig, out / f"{name}.html", include_plotlyjs=args.plotlyjs)
             png = None
             if not args.no_png and png_error is None:
                 try:
@@ -285,7 +315,7 @@ def _viz(args) -> int:
                 except plot.ExportError as e:
                     png_error = str(e)
             written.append((section, name, png))
-    _write_index(out, written, model, tokens, args.prompt)
+    _write_index(out, written, model, tokens, args.prompt if args.prompt is not None else model.to_string(tokens[0]))
     if png_error:
         print(f"v4lens viz: PNG export skipped — {png_error}", file=sys.stderr)
     print(f"wrote {len(written)} figures to {out}/ (open {out / 'index.html'})")
@@ -319,8 +349,6 @@ def _print_top(model, logits, k: int, title: str) -> None:
 
 
 def _slice(args) -> int:
-    from pathlib import Path
-
     from .model.config import V4Config
     from .model.presets import PRESETS
     from .weights.slicing import slice_checkpoint

@@ -7,6 +7,10 @@ Tasks (token layout for a 128-token vocabulary; ids below 16 are special or fill
     16-71   keys   (56 ids)          KEY_IDS
     72-127  values (56 ids)          VALUE_IDS
 
+Each id has a name (`TOKEN_NAMES`: BOS, EOS, PAD, SEP, QUERY, UNUSED_5..7, FILL_0..7, KEY_0..55,
+VAL_0..55), which the synthetic vocabulary's tokenizer (`v4lens.tokenizer.synthetic_tokenizer`,
+tiny-recall's) reads and writes: `model.to_tokens("QUERY KEY_3")`, `model.to_str_tokens(tokens)`.
+
 * recall (`recall_batch`): key->value recall from far outside the sliding window.
   `[BOS f f f] [k_0 v_0 f f] ... [k_{n-1} v_{n-1} f f] [QUERY k_q v_q]`: a header block, then
   `n_pairs` records (default 4) of 4 tokens (one record per CSA compression block of m=4 tokens: position
@@ -37,6 +41,20 @@ RECORD_LEN = 4  # one record per CSA compression block (ratio 4)
 HEADER_LEN = 4  # [BOS f f f]: records start on a block boundary
 EVAL_SEED = 1_000_003
 TASKS = ("recall", "induction", "mix")
+
+
+def _token_names() -> list[str]:
+    """id -> name, from the layout above: KEY_i is key id KEY_IDS[i], VAL_i value id VALUE_IDS[i]."""
+    names = [f"UNUSED_{i}" for i in range(VALUE_IDS.stop)]
+    for i, name in ((BOS, "BOS"), (EOS, "EOS"), (PAD, "PAD"), (SEP, "SEP"), (QUERY, "QUERY")):
+        names[i] = name
+    for ids, prefix in ((FILLER_IDS, "FILL"), (KEY_IDS, "KEY"), (VALUE_IDS, "VAL")):
+        for j, i in enumerate(ids):
+            names[i] = f"{prefix}_{j}"
+    return names
+
+
+TOKEN_NAMES = _token_names()  # [128]: the synthetic vocabulary, one name per id
 
 
 def _draw(ids: range, shape: tuple[int, ...], generator) -> torch.Tensor:

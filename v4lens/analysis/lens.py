@@ -52,6 +52,9 @@ class LensResult:
     target_logprobs: [B, b, P] fp32 log-probability of the target (nan where it is -1), or None.
     target_ranks: [B, b, P] int64, 0 = the target is the top-1 prediction (-1 where no target), or None.
     logits: [B, b, P, V] fp32 with keep_logits=True, else None.
+    stream_axis: True for the per-stream reading (the stream axis n after P).
+
+    `print(lens)` gives a few lines: what was read, and each boundary's top-1 at one position.
     """
 
     labels: list[str]
@@ -64,6 +67,7 @@ class LensResult:
     target_ranks: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     per_stream: LensResult | None = None
+    stream_axis: bool = False
 
     @property
     def top_probs(self) -> torch.Tensor:
@@ -80,6 +84,59 @@ class LensResult:
         if self.logits is None:
             raise ValueError("the logits were not kept: run the lens with keep_logits=True")
         return self.logits.log_softmax(-1)
+
+    def __repr__(self) -> str:
+        """The shape of what was read, then each boundary's top-1 (per stream: one per stream) and the
+        target's probability and rank, at batch row 0 and the last position read that has a target."""
+        batched = self.top_ids.ndim == 4 + self.stream_axis
+        P, pos = len(self.positions), self.positions.tolist()
+        if pos == list(range(pos[0], pos[-1] + 1)):
+            span = f"{pos[0]}..{pos[-1]}" if P > 1 else str(pos[0])
+        else:
+            span = ", ".join(map(str, pos[:6])) + (", ..." if P > 6 else "")
+        extras = [f"top-{self.top_ids.shape[-1]}"] + ["targets"] * (self.targets is not None)
+        if self.stream_axis or self.per_stream is not None:
+            n = (self if self.stream_axis else self.per_stream).top_ids.shape[-2]
+            extras.append(f"each of {n} streams read alone" if self.stream_axis else f"per_stream ({n} streams)")
+        extras += ["logits kept"] * (self.logits is not None)
+        b = f" × batch {self.top_ids.shape[1]}" if batched else ""
+        plural = "s" if P != 1 else ""
+        head = f"LensResult: {len(self.labels)} boundaries{b} × {P} position{plural} ({span}); {', '.join(extras)}"
+
+        def row0(t):  # batch row 0, and a stream axis for every reading: [B, P, n, ...]
+            t = t[:, 0] if batched else t
+            return t if self.stream_axis else t.unsqueeze(2)
+
+        targets = None if self.targets is None else (self.targets[0] if batched else self.targets)
+        has = [] if targets is None else [p for p in range(P) if int(targets[p]) >= 0]
+        p = has[-1] if has else P - 1  # the last position read that has a target
+        probs = row0(self.top_probs)[:, p, :, 0].tolist()  # [B][n]
+        if self.top_strs is not None:
+            tops = [s[0][p] if batched else s[p] for s in self.top_strs]  # [B] of [n][k] (per stream) or [k]
+            tops = [[repr(x[0]) for x in t] if self.stream_axis else [repr(t[0])] for t in tops]
+        else:
+            tops = [[f"id {i}" for i in row] for row in row0(self.top_ids)[:, p, :, 0].tolist()]
+        if has:
+            t_probs, t_ranks = row0(self.target_probs)[:, p].tolist(), row0(self.target_ranks)[:, p].tolist()
+        where = ["batch row 0"] * batched + [f"target id {int(targets[p])}"] * bool(has)
+        lines = [head, f"  top-1 at position {pos[p]}" + (f" ({'; '.join(where)})" if where else "") + ":"]
+        width = max(len(label) for label in self.labels)
+        shown = list(range(len(self.labels)))
+        if len(shown) > 10:  # a deep model: the first and last boundaries
+            shown = shown[:4] + [None] + shown[-4:]
+        for i in shown:
+            if i is None:
+                lines.append("    ...")
+                continue
+            cells = []
+            for j, top in enumerate(tops[i]):  # one cell, or one short cell per stream
+                if self.stream_axis:
+                    cells.append(f"{top} {probs[i][j]:.2f}" + (f", target {t_probs[i][j]:.2f}" if has else ""))
+                else:
+                    target = f"   target p={t_probs[i][j]:.3f} rank {t_ranks[i][j]}" if has else ""
+                    cells.append(f"{top} {probs[i][j]:.3f}{target}")
+            lines.append(f"    {self.labels[i]:<{width}}  " + " | ".join(cells))
+        return "\n".join(lines)
 
     def table(self, batch: int = 0, position: int = -1):
         """A pandas DataFrame, one row per boundary, for one (batch, position) of those read.
@@ -219,14 +276,14 @@ def _lens(cache, boundaries, hc_head, ln_final, *, offset, tokens, targets, k, p
         per_stream=per_stream, keep_logits=keep_logits,
     )  # fmt: skip
 
-    def package(stats: dict) -> LensResult:
+    def package(stats: dict, stream_axis: bool = False) -> LensResult:
         strs = _decode(model, stats["top_ids"]) if decode else None
-        result = LensResult(labels, read_pos, top_strs=strs, targets=targets, **stats)
+        result = LensResult(labels, read_pos, top_strs=strs, targets=targets, stream_axis=stream_axis, **stats)
         return result if batched else _drop_batch(result)
 
     result = package(main)
     if per_stream:
-        result.per_stream = package(each)
+        result.per_stream = package(each, stream_axis=True)
     return result
 
 

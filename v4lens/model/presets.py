@@ -36,7 +36,8 @@ def _tiny_recall(**kw) -> V4Config:
 
     128-token synthetic vocabulary (layout in v4lens.train); layer 0 sliding (window 8) with a
     hash-routed MoE, layer 1 CSA (ratio 4, Lightning Indexer picking the top 2 entries), layer 2
-    HCA (ratio 8); 4 routed experts (top-2) + 1 shared; mHC with 4 streams; no MTP block.
+    HCA (ratio 8); 4 routed experts (top-2) + 1 shared; mHC with 4 streams; no MTP block. Its tokenizer
+    (`v4lens.tokenizer.tokenizer_for` picks it by the vocabulary size) names the ids: BOS, QUERY, KEY_3, VAL_7.
     """
     base = dict(
         name="tiny-recall", d_vocab=128, d_model=64, n_layers=3, n_heads=4, head_dim=32, rope_head_dim=8,

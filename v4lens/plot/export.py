@@ -1,5 +1,11 @@
 """Writing figures: offline HTML always; PNG / SVG / PDF / JPEG / WebP through kaleido + Chromium.
 
+An HTML page needs plotly.js (4.8 MB). `save(..., include_plotlyjs=)` says where it comes from:
+"inline" (the default) embeds it, so the one file opens anywhere, offline, even moved or emailed
+alone; "directory" writes one plotly.min.js beside the pages and every page in that folder shares
+it (a few KB a page, still offline: move the folder, not a lone page; `v4lens viz` does this);
+"cdn" loads it from cdn.plot.ly when the page is opened (smallest, needs the network).
+
 kaleido (plotly's image exporter) drives a headless Chromium. v4lens uses the system's
 Chromium (Debian: `apt-get install chromium`; kaleido finds it on PATH, or set BROWSER_PATH)
 and never downloads one. Where none exists, `save` still writes the HTML next to the requested
@@ -13,6 +19,7 @@ import shutil
 from pathlib import Path
 
 IMAGE_FORMATS = (".png", ".svg", ".pdf", ".jpg", ".jpeg", ".webp")
+PLOTLYJS = ("inline", "directory", "cdn")  # where an HTML page gets plotly.js from (module docstring)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -30,25 +37,33 @@ def find_browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
-def save(fig, path: str | Path, width: int | None = None, height: int | None = None, scale: float = 1.0) -> Path:
+def save(fig, path: str | Path, width: int | None = None, height: int | None = None, scale: float = 1.0,
+         include_plotlyjs: str = "inline") -> Path:  # fmt: skip
     """Write `fig` to `path`; the suffix picks the format. Returns the path written.
 
-    .html: a self-contained page with plotly.js embedded (works offline).
+    .html: a page that works offline; include_plotlyjs: "inline" (default: plotly.js embedded, a
+    self-contained 4.8 MB file), "directory" (one plotly.min.js shared by the folder's pages) or
+    "cdn" (fetched when opened). It also applies to the HTML written when an image export fails.
     .png / .svg / .pdf / .jpg / .webp: through kaleido; width/height in CSS pixels (default: the
     figure's own), `scale` multiplies the PNG resolution.
 
         v4lens.plot.save(fig, "router.html"); v4lens.plot.save(fig, "router.png", width=900, height=500)
     """
+    if include_plotlyjs not in PLOTLYJS:
+        raise ValueError(f"include_plotlyjs must be one of {PLOTLYJS}, got {include_plotlyjs!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
-        fig.write_html(path, include_plotlyjs=True, full_html=True)
+        if include_plotlyjs == "directory":
+            _drop_stale_bundle(path.parent / "plotly.min.js")
+        plotlyjs = True if include_plotlyjs == "inline" else include_plotlyjs  # plotly's own word for inline
+        fig.write_html(path, include_plotlyjs=plotlyjs, full_html=True)
         return path
     if suffix not in IMAGE_FORMATS:
         raise ValueError(f"unknown figure format {suffix!r}: use .html or one of {', '.join(IMAGE_FORMATS)}")
     if find_browser() is None:
-        html = save(fig, path.with_suffix(".html"))
+        html = save(fig, path.with_suffix(".html"), include_plotlyjs=include_plotlyjs)
         raise ExportError(
             f"cannot write {path.name}: image export needs a Chromium browser and none was found "
             f"(looked for $BROWSER_PATH and {', '.join(BROWSERS)} on PATH). Install one — on Debian/Ubuntu "
@@ -57,9 +72,21 @@ def save(fig, path: str | Path, width: int | None = None, height: int | None = N
     try:
         fig.write_image(path, width=width, height=height, scale=scale)
     except Exception as e:  # kaleido / choreographer raise their own error types
-        html = save(fig, path.with_suffix(".html"))
+        html = save(fig, path.with_suffix(".html"), include_plotlyjs=include_plotlyjs)
         raise ExportError(f"kaleido could not write {path}: {e}. The figure was written as HTML instead: {html}") from e
     return path
+
+
+def _drop_stale_bundle(bundle: Path) -> None:
+    """Remove a plotly.min.js of another plotly.js version: plotly copies its bundle only where none
+    exists, and pages drawn for this version may not render with an older one."""
+    from plotly.offline import get_plotlyjs_version
+
+    if bundle.is_file():
+        with open(bundle, "rb") as f:
+            head = f.read(200).decode("utf-8", errors="replace")
+        if f"v{get_plotlyjs_version()}" not in head:
+            bundle.unlink()
 
 
 @contextlib.contextmanager

@@ -1,7 +1,8 @@
 """The one look every v4lens figure shares, and the helpers that keep figures small.
 
 - `figure(...)` starts a `go.Figure` with the v4lens template (font, margins, colours);
-- `token_labels(model, cache)` gives "pos·token" strings for axes and hover text;
+- `token_labels(model, cache)` gives "pos·token" strings for axes and hover text (a token longer
+  than `MAX_TOKEN_CHARS` is cut with "…"; the margins grow to fit the labels: nothing is clipped);
 - `pick_positions(n, max_positions, focus)` chooses which positions to draw when a sequence is
   long: a window ending at `focus` (default: the last position), never an S×S matrix.
 
@@ -24,6 +25,7 @@ CATEGORICAL = [
     "#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD",
 ]  # fmt: skip
 MAX_POSITIONS = 128  # default cap on positions drawn along an axis
+MAX_TOKEN_CHARS = 24  # longer token text is cut in labels: a whole line of code would squeeze the plot away
 FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=12, color="#222")
 
 pio.templates["v4lens"] = go.layout.Template(
@@ -32,10 +34,10 @@ pio.templates["v4lens"] = go.layout.Template(
         colorway=CATEGORICAL,
         paper_bgcolor="white",
         plot_bgcolor="white",
-        margin=dict(l=70, r=30, t=60, b=60),
+        margin=dict(l=70, r=30, t=60, b=60),  # the least margins: automargin widens them to fit tick labels
         title=dict(x=0.02, xanchor="left", font=dict(size=15)),
-        xaxis=dict(showgrid=False, zeroline=False, linecolor="#888", ticks="outside"),
-        yaxis=dict(showgrid=False, zeroline=False, linecolor="#888", ticks="outside"),
+        xaxis=dict(showgrid=False, zeroline=False, linecolor="#888", ticks="outside", automargin=True),
+        yaxis=dict(showgrid=False, zeroline=False, linecolor="#888", ticks="outside", automargin=True),
         hoverlabel=dict(font_family=FONT["family"]),
     )
 )
@@ -64,7 +66,12 @@ def token_labels(model, cache=None, tokens: torch.Tensor | None = None, batch: i
         strings = model.to_str_tokens(tokens.cpu(), prepend_bos=False)
     except Exception:  # no tokenizer available: show ids
         strings = [str(int(t)) for t in tokens]
-    return [f"{p}·{printable(s)}" for p, s in enumerate(strings)]
+    return [f"{p}·{shorten(printable(s))}" for p, s in enumerate(strings)]
+
+
+def shorten(text: str, n: int = MAX_TOKEN_CHARS) -> str:
+    """`text` cut to n characters with "…" at the end when longer."""
+    return text if len(text) <= n else text[: n - 1] + "…"
 
 
 def pick_positions(n: int, max_positions: int = MAX_POSITIONS, focus: int | None = None) -> list[int]:
