@@ -1350,6 +1350,144 @@ pd.DataFrame(rows)
 ]
 
 
+# ============================================================================ 09 probing and SAEs
+NB09 = [
+    md("""
+# 09 · Probing and SAEs on V4 streams
+
+A V4 residual is **four streams** mixed by mHC, not one vector. This notebook runs the workflow of
+probe and sparse-autoencoder research on it, end to end, with the trained `tiny-recall` (key→value
+recall; notebook 05 finds its circuit):
+
+1. **Bulk collection**: `v4lens.activations.collect` runs a dataset through the model in
+   length-bucketed, right-padded batches and appends the chosen hooks at the chosen positions to a
+   resumable store on disk, read back as a torch `Dataset` (docs/activations.md).
+2. **A linear probe per stream and layer**: where does the answer become readable?
+3. **A sparse autoencoder** on the four streams after block 1 (a minimal one, written here; SAELens
+   works too: docs/saelens.md).
+4. **Splice it back** with a hook: does the model still answer from the SAE's reconstruction?
+"""),
+    code(SETUP),
+    code("""
+import v4lens.activations as acts
+from v4lens.tasks import recall_batch, task_accuracy, VALUE_IDS
+
+model = v4lens.load("tiny-recall")
+print(model.cfg.n_layers, "layers,", model.cfg.hc_mult, "streams of", model.cfg.d_model)
+batch = recall_batch(1024, generator=torch.Generator().manual_seed(0))
+tokens, qpos, answer = batch["tokens"], batch["query_pos"], batch["answer"]
+print(model.to_string(tokens[0]))
+print("accuracy:", task_accuracy(model, batch))
+"""),
+    md("""
+## 1 · Collect the streams at the query
+
+Each prompt stops at the query key, so its last token is where the model must produce the value.
+`positions="last"` keeps that position only; the store holds, per row, the four streams after
+every block. Running the same call again after a crash would skip the rows already stored.
+"""),
+    code("""
+OUT = Path(os.environ.get("V4LENS_NOTEBOOK_OUT", "figures"))  # the tests point this at a temporary folder
+prompts = [row[: int(q) + 1] for row, q in zip(tokens, qpos)]
+hooks = [f"blocks.{l}.hook_streams_post" for l in range(model.cfg.n_layers)]
+store = acts.collect(model, prompts, hooks, OUT / "acts_recall", positions="last", batch_size=256,
+                     overwrite=True, progress=False)
+print(len(store), "rows;", {h: tuple(s) for h, s in store.hook_shapes.items()})
+full = next(iter(torch.utils.data.DataLoader(store, batch_size=len(store))))  # small enough to hold
+y = answer[full["row"]] - VALUE_IDS.start   # which of the 16 values each row must answer
+"""),
+    md("""
+## 2 · A linear probe per stream
+
+A logistic-regression probe on each stream alone (trained on 768 rows, tested on 256): after block
+0 the answer is nowhere (chance is 1/16); after block 1 — the CSA layer whose indexer fetches the
+queried record — every stream carries it.
+"""),
+    code("""
+def probe_accuracy(x, y, n_train=768, steps=150):
+    x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
+    W = torch.zeros(x.shape[1], 16, requires_grad=True)
+    b = torch.zeros(16, requires_grad=True)
+    opt = torch.optim.Adam([W, b], lr=0.05)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(x[:n_train] @ W + b, y[:n_train])
+            opt.zero_grad(); loss.backward(); opt.step()
+    return float(((x[n_train:] @ W + b).argmax(-1) == y[n_train:]).float().mean())
+
+torch.manual_seed(0)
+table = {h: [probe_accuracy(full[h][:, s].float(), y) for s in range(model.cfg.hc_mult)] for h in hooks}
+for h, accs in table.items():
+    print(f"{h:28s}", "  ".join(f"stream {s}: {a:.2f}" for s, a in enumerate(accs)))
+"""),
+    md("""
+## 3 · A sparse autoencoder on the streams after block 1
+
+The input is the four streams flattened (`[n·d]`); 512 features, ReLU, an L1 penalty. The fraction
+of variance unexplained (FVU) and the mean number of active features (L0) say how well and how
+sparsely it reconstructs.
+"""),
+    code("""
+H = "blocks.1.hook_streams_post"
+X = full[H].flatten(1).float()   # [rows, n*d]
+
+class SAE(torch.nn.Module):
+    def __init__(self, d, m, mean):
+        super().__init__()
+        self.enc, self.dec = torch.nn.Linear(d, m), torch.nn.Linear(m, d)
+        with torch.no_grad():
+            self.dec.weight.copy_(self.enc.weight.T)
+            self.dec.bias.copy_(mean)
+    def encode(self, x):
+        return torch.relu(self.enc(x - self.dec.bias))
+    def forward(self, x):
+        return self.dec(self.encode(x))
+
+torch.manual_seed(0)
+sae, scale = SAE(X.shape[1], 512, X.mean(0)), X.std()
+opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
+with torch.enable_grad():
+    for step in range(300):
+        xb = X[torch.randint(0, len(X), (256,))]
+        f = sae.encode(xb)
+        loss = (sae.dec(f) - xb).pow(2).mean() / scale**2 + 3e-3 * f.abs().sum(-1).mean() / scale
+        opt.zero_grad(); loss.backward(); opt.step()
+F = sae.encode(X)
+fvu = float((sae(X) - X).pow(2).sum() / (X - X.mean(0)).pow(2).sum())
+print(f"FVU {fvu:.4f}, L0 {float((F > 0).float().sum(-1).mean()):.2f} active features per row")
+top = torch.stack([F[y == v].mean(0) for v in range(16)]).argmax(1)   # the feature most active per value
+print("the most active feature for each answer value:", top.tolist())
+"""),
+    md("""
+## 4 · Splice the reconstruction back
+
+A hook on `blocks.1.hook_streams_post` replaces the four streams at each query by the SAE's
+reconstruction; everything downstream (block 2, the mHC head, the logits) runs on it. If the
+features carry what the model uses, accuracy stays; replacing the streams by their mean instead
+removes the answer.
+"""),
+    code("""
+rows = torch.arange(len(tokens))
+
+def splice(streams, hook):   # [b, S, n, d]
+    at = streams[rows, qpos]
+    streams[rows, qpos] = sae(at.flatten(1).float()).view_as(at).to(streams.dtype)
+    return streams
+
+def mean_streams(streams, hook):
+    streams[rows, qpos] = X.mean(0).view_as(streams[0, 0]).to(streams.dtype)
+    return streams
+
+def accuracy(logits):
+    return float((logits[rows, qpos].argmax(-1) == answer).float().mean())
+
+print("clean:", accuracy(model(tokens)))
+print("SAE reconstruction spliced in:", accuracy(model.run_with_hooks(tokens, fwd_hooks=[(H, splice)])))
+print("streams replaced by their mean:", accuracy(model.run_with_hooks(tokens, fwd_hooks=[(H, mean_streams)])))
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_quickstart": NB01,
     "02_routing": NB02,
@@ -1359,6 +1497,7 @@ NOTEBOOKS = {
     "06_exporting_figures": NB06,
     "07_mini3b_at_scale": NB07,
     "08_dspark_drafter": NB08,
+    "09_probing_and_saes": NB09,
 }
 
 
