@@ -64,7 +64,7 @@ def install() -> None:
 
 
 # submodules `import v4lens` does not load itself, reachable as attributes all the same (`v4lens.plot.save`)
-LAZY = ("activations", "cli", "demo", "generate", "plot", "speculative", "tasks", "train", "utils")
+LAZY = ("activations", "chat", "cli", "demo", "generate", "plot", "speculative", "tasks", "train", "utils")
 
 
 def moved_attribute(name: str):

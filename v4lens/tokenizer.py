@@ -13,36 +13,27 @@ Facts worth knowing:
 * Plain ``tok(text)`` does NOT prepend BOS (DeepSeek's ``add_bos_token: false``); the chat
   template does. For raw-text experiments that want BOS, prepend ``tok.bos_token_id`` yourself.
 
-The attached chat template (``tok.chat_template``) implements DeepSeek-V4's prompt format
-(DeepSeek's ``encoding_dsv4.py``)::
+The V4 prompt format (DeepSeek's ``encoding_dsv4.py``, byte for byte) is rendered in Python by
+``v4lens.chat`` — ``render_chat`` here, ``tok.apply_chat_template`` (which goes through the same
+renderer) and ``v4lens.chat.segments`` (every token labelled with its part of the conversation)::
 
     chat, one turn:     <BOS>{system}<｜User｜>{q}<｜Assistant｜></think>
     thinking, one turn: <BOS>{system}<｜User｜>{q}<｜Assistant｜><think>
     thinking, 2nd turn: <BOS>{sys}<｜User｜>{q1}<｜Assistant｜></think>{a1}<EOS><｜User｜>{q2}<｜Assistant｜><think>
 
-Template kwargs (pass them to ``apply_chat_template``):
+Options (keyword arguments of ``render_chat`` and ``apply_chat_template``): ``thinking`` (alias
+``enable_thinking``; ``apply_chat_template`` defaults to ``load_tokenizer``'s argument),
+``drop_thinking``, ``reasoning_effort``, ``tools``, ``response_format``; docs/chat.md has every
+role, field and rule.
 
-* ``thinking`` (alias ``enable_thinking``): thinking mode; defaults to ``load_tokenizer``'s argument.
-* ``drop_thinking`` (default True): in thinking mode, earlier turns get ``</think>`` and lose
-  their ``reasoning_content``, and ``developer`` messages before the last user message are
-  dropped, as in the reference. Forced off when ``tools`` are given (reference behaviour).
-* ``reasoning_effort``: None / "low" / "high" / "max"; only "max" (thinking mode) adds text,
-  a fixed paragraph right after BOS.
-* ``tools``: OpenAI-style tool schemas; rendered as the reference's "## Tools" block after the
-  system prompt (an empty system message is assumed when there is none).
-
-Roles: ``system`` (raw text, no role token), ``user`` / ``developer`` (``<｜User｜>`` + text),
-``assistant`` (``[reasoning</think>]content[\\n\\n<DSML tool calls>]<EOS>``), ``tool`` (merged into
-a user turn as ``<tool_result>…</tool_result>``, consecutive user/tool messages joined by a
-blank line, as the reference does) and ``latest_reminder``. Not supported: list-of-blocks
-``content`` (pass strings), ``response_format``, the internal ``task`` tokens, re-ordering tool
-results by call id (give them in call order), and tool-call ``arguments`` given as a JSON
-string (Jinja cannot parse JSON; pass a dict, or use ``render_chat`` which parses them).
+The synthetic vocabulary of 128 ids that ``tiny-recall`` was trained on (``v4lens.tasks``) has its
+own word-level tokenizer, ``synthetic_tokenizer()``: one name per id (``BOS QUERY KEY_3 VAL_7``),
+words separated by whitespace, an unknown word refused by name. ``tokenizer_for(cfg)`` picks the
+tokenizer a model config goes with.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
 import importlib.resources
 import json
@@ -51,170 +42,37 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerFast
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-DSML = "｜DSML｜"
-LATEST_REMINDER = "<｜latest_reminder｜>"
-
-# Verbatim from DeepSeek's encoding_dsv4.py.
-REASONING_EFFORT_MAX = (
-    "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
-    "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
-    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
+# The format's strings live in v4lens.chat.format; the old names stay importable from here.
+from .chat.format import (  # noqa: F401
+    ASSISTANT,
+    BOS,
+    DSML,
+    EOS,
+    LATEST_REMINDER,
+    PAD,
+    REASONING_EFFORT_MAX,
+    THINK_END,
+    THINK_START,
+    TOOLS_TEMPLATE,
+    USER,
 )
-
-TOOLS_TEMPLATE = """## Tools
-
-You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "<{dsml_token}tool_calls>" block like the following:
-
-<{dsml_token}tool_calls>
-<{dsml_token}invoke name="$TOOL_NAME">
-<{dsml_token}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{dsml_token}parameter>
-...
-</{dsml_token}invoke>
-<{dsml_token}invoke name="$TOOL_NAME2">
-...
-</{dsml_token}invoke>
-</{dsml_token}tool_calls>
-
-String parameters should be specified as is and set `string="true"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.
-
-If thinking_mode is enabled (triggered by {thinking_start_token}), you MUST output your complete reasoning inside {thinking_start_token}...{thinking_end_token} BEFORE any tool calls or final response.
-
-Otherwise, output directly after {thinking_end_token} with tool calls or final response.
-
-### Available Tool Schemas
-
-{tool_schemas}
-
-You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
-"""
-
-# The Jinja body. Constants are injected as `{% set %}` lines by `_chat_template` so the
-# template is self-contained (it survives `save_pretrained`). It works in three passes
-# because V4's rendering depends on the *merged* message list: (1) fold tool results and
-# consecutive user messages into one user turn, (2) in thinking+drop mode drop developer
-# messages before the last user turn, (3) render each message plus the
-# `<｜Assistant｜><think>|</think>` transition after user turns.
-_TEMPLATE_BODY = r"""
-{%- if thinking is defined and thinking is not none -%}{%- set _thinking = thinking -%}
-{%- elif enable_thinking is defined and enable_thinking is not none -%}{%- set _thinking = enable_thinking -%}
-{%- else -%}{%- set _thinking = DEFAULT_THINKING -%}{%- endif -%}
-{%- set _has_tools = tools is defined and tools -%}
-{%- set _drop = (drop_thinking if drop_thinking is defined and drop_thinking is not none else true) and not _has_tools -%}
-{%- set _effort = reasoning_effort if reasoning_effort is defined else none -%}
-{%- if _effort not in [none, 'low', 'high', 'max'] -%}
-{{- raise_exception('reasoning_effort must be None, "low", "high" or "max"') -}}
-{%- endif -%}
-{%- set _gen = add_generation_prompt is defined and add_generation_prompt -%}
-
-{#- Pass 1: merge tool results and consecutive user messages into one user turn. -#}
-{%- set ns = namespace(msgs=[], last=-1, out=[], params=[], calls=[]) -%}
-{%- if _has_tools and (messages | length == 0 or messages[0].role != 'system') -%}
-{%- set ns.msgs = [{'role': 'system', 'content': ''}] -%}
-{%- endif -%}
-{%- for m in messages -%}
-{%- if m.role in ['user', 'tool'] -%}
-{%- if m.content is not none and m.content is not string -%}
-{{- raise_exception('message content must be a string') -}}
-{%- endif -%}
-{%- set _part = (TOOL_OPEN + (m.content or '') + TOOL_CLOSE) if m.role == 'tool' else (m.content or '') -%}
-{%- if ns.msgs and ns.msgs[-1].role == 'user' -%}
-{%- set ns.msgs = ns.msgs[:-1] + [{'role': 'user', 'parts': ns.msgs[-1].parts + [_part]}] -%}
-{%- else -%}
-{%- set ns.msgs = ns.msgs + [{'role': 'user', 'parts': [_part]}] -%}
-{%- endif -%}
-{%- elif m.role in ['system', 'developer', 'assistant', 'latest_reminder'] -%}
-{%- set ns.msgs = ns.msgs + [m] -%}
-{%- else -%}
-{{- raise_exception('unsupported role: ' + (m.role | string)) -}}
-{%- endif -%}
-{%- endfor -%}
-
-{#- Pass 2: thinking mode with drop_thinking drops developer messages before the last user turn. -#}
-{%- for m in ns.msgs -%}{%- if m.role in ['user', 'developer'] -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}
-{%- if _thinking and _drop -%}
-{%- for m in ns.msgs -%}
-{%- if not (m.role == 'developer' and loop.index0 < ns.last) -%}{%- set ns.out = ns.out + [m] -%}{%- endif -%}
-{%- endfor -%}
-{%- set ns.msgs = ns.out -%}
-{%- set ns.last = -1 -%}
-{%- for m in ns.msgs -%}{%- if m.role in ['user', 'developer'] -%}{%- set ns.last = loop.index0 -%}{%- endif -%}{%- endfor -%}
-{%- endif -%}
-
-{#- Pass 3: render. -#}
-{{- BOS -}}
-{%- for m in ns.msgs -%}
-{%- set i = loop.index0 -%}
-{%- if i == 0 and _thinking and _effort == 'max' -%}{{- EFFORT_MAX -}}{%- endif -%}
-{%- if m.role == 'system' -%}
-{{- m.content or '' -}}
-{%- if i == 0 and _has_tools -%}
-{{- '\n\n' + TOOLS_HEAD -}}
-{%- for t in tools -%}{{- ('\n' if not loop.first else '') + ((t.function if t.function is defined else t) | tojson) -}}{%- endfor -%}
-{{- TOOLS_TAIL -}}
-{%- endif -%}
-{%- elif m.role == 'developer' -%}
-{{- USER + (m.content or '') -}}
-{%- elif m.role == 'user' -%}
-{{- USER + (m.parts | join('\n\n')) -}}
-{%- elif m.role == 'latest_reminder' -%}
-{{- LATEST_REMINDER + (m.content or '') -}}
-{%- elif m.role == 'assistant' -%}
-{%- if _thinking and (not _drop or i > ns.last) -%}{{- (m.reasoning_content or '') + THINK_END -}}{%- endif -%}
-{{- m.content or '' -}}
-{%- if m.tool_calls -%}
-{%- set ns.calls = [] -%}
-{%- for tc in m.tool_calls -%}
-{%- set f = tc.function if tc.function is defined else tc -%}
-{%- set args = f.arguments if f.arguments is defined and f.arguments is not none else {} -%}
-{%- if args is string -%}
-{{- raise_exception('tool_call arguments must be a dict, not a JSON string (use v4lens.tokenizer.render_chat)') -}}
-{%- endif -%}
-{%- set ns.params = [] -%}
-{%- for k, v in args.items() -%}
-{%- if v is string -%}
-{%- set ns.params = ns.params + ['<' + DSML + 'parameter name="' + k + '" string="true">' + v + '</' + DSML + 'parameter>'] -%}
-{%- else -%}
-{%- set ns.params = ns.params + ['<' + DSML + 'parameter name="' + k + '" string="false">' + (v | tojson) + '</' + DSML + 'parameter>'] -%}
-{%- endif -%}
-{%- endfor -%}
-{%- set ns.calls = ns.calls + ['<' + DSML + 'invoke name="' + f.name + '">\n' + (ns.params | join('\n')) + '\n</' + DSML + 'invoke>'] -%}
-{%- endfor -%}
-{{- '\n\n<' + DSML + 'tool_calls>\n' + (ns.calls | join('\n')) + '\n</' + DSML + 'tool_calls>' -}}
-{%- endif -%}
-{{- EOS -}}
-{%- endif -%}
-{#- A user turn followed by an assistant turn (or last, with add_generation_prompt) opens the reply. -#}
-{%- set nxt = ns.msgs[i + 1] if i + 1 < ns.msgs | length else none -%}
-{%- if m.role in ['user', 'developer'] and ((nxt is none and _gen) or (nxt is not none and nxt.role in ['assistant', 'latest_reminder'])) -%}
-{{- ASSISTANT + (THINK_START if _thinking and (not _drop or i >= ns.last) else THINK_END) -}}
-{%- endif -%}
-{%- endfor -%}
-"""
+from .chat.template import PIECES_TEMPLATE, piece_conversations
 
 
-def _chat_template(default_thinking: bool) -> str:
-    """The Jinja chat template with its constants (and default mode) baked in."""
-    tools_head, tools_tail = TOOLS_TEMPLATE.format(
-        dsml_token=DSML, thinking_start_token=THINK_START, thinking_end_token=THINK_END,
-        tool_schemas="\0",
-    ).split("\0")
-    consts = {
-        "BOS": BOS, "EOS": EOS, "USER": USER, "ASSISTANT": ASSISTANT, "THINK_START": THINK_START,
-        "THINK_END": THINK_END, "DSML": DSML, "LATEST_REMINDER": LATEST_REMINDER,
-        "TOOL_OPEN": "<tool_result>", "TOOL_CLOSE": "</tool_result>",
-        "EFFORT_MAX": REASONING_EFFORT_MAX, "TOOLS_HEAD": tools_head, "TOOLS_TAIL": tools_tail,
-    }
-    # json.dumps gives a valid Jinja string literal (Jinja decodes \n, \", \uXXXX escapes).
-    header = "".join(f"{{%- set {k} = {json.dumps(v)} -%}}\n" for k, v in consts.items())
-    header += f"{{%- set DEFAULT_THINKING = {'true' if default_thinking else 'false'} -%}}\n"
-    return header + _TEMPLATE_BODY.strip() + "\n"
+class V4TokenizerFast(PreTrainedTokenizerFast):
+    """transformers' fast tokenizer whose ``apply_chat_template`` renders with ``v4lens.chat``
+    (unless given another ``chat_template``); tokenizing, batching and padding are transformers'."""
+
+    default_thinking = False  # the mode when a call names none (load_tokenizer's `thinking`)
+
+    def apply_chat_template(self, conversation, tools=None, documents=None, chat_template=None,
+                            add_generation_prompt=False, continue_final_message=False, **kwargs):  # fmt: skip
+        if chat_template is not None or self.chat_template != PIECES_TEMPLATE:  # someone else's template
+            return super().apply_chat_template(conversation, tools, documents, chat_template, add_generation_prompt,
+                                               continue_final_message, **kwargs)  # fmt: skip
+        pieces, kwargs = piece_conversations(conversation, tools, documents, add_generation_prompt,
+                                             continue_final_message, self.default_thinking, kwargs)  # fmt: skip
+        return super().apply_chat_template(pieces, chat_template=PIECES_TEMPLATE, **kwargs)
 
 
 def tokenizer_files() -> tuple[Path, Path]:
@@ -228,11 +86,11 @@ def _special(cfg: dict, key: str) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer(thinking: bool = False) -> PreTrainedTokenizerFast:
     """Load the real DeepSeek-V4 tokenizer with the V4 chat template attached.
 
-    ``thinking`` sets the template's default mode (``<think>`` vs ``</think>`` after
+    ``thinking`` sets ``apply_chat_template``'s default mode (``<think>`` vs ``</think>`` after
     ``<｜Assistant｜>``); ``apply_chat_template(..., thinking=...)`` overrides it per call.
 
     The result is cached per ``thinking`` value and SHARED between callers: do not mutate it
@@ -240,7 +98,7 @@ def load_tokenizer(thinking: bool = False) -> PreTrainedTokenizerFast:
     """
     json_path, config_path = tokenizer_files()
     cfg = json.loads(config_path.read_text(encoding="utf-8"))
-    tok = PreTrainedTokenizerFast(
+    tok = V4TokenizerFast(
         tokenizer_file=str(json_path),
         bos_token=_special(cfg, "bos_token"),
         eos_token=_special(cfg, "eos_token"),
@@ -250,45 +108,105 @@ def load_tokenizer(thinking: bool = False) -> PreTrainedTokenizerFast:
         model_max_length=cfg.get("model_max_length", 1_048_576),
         clean_up_tokenization_spaces=cfg.get("clean_up_tokenization_spaces", False),
     )
-    tok.chat_template = _chat_template(thinking)
+    tok.chat_template = PIECES_TEMPLATE
+    tok.default_thinking = thinking
     return tok
 
 
-def _parse_tool_call_arguments(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Turn JSON-string tool-call arguments into dicts, as ``encode_arguments_to_dsml`` does."""
-    out = copy.deepcopy(messages)
-    for m in out:
-        for tc in m.get("tool_calls") or []:
-            f = tc.get("function", tc)
-            args = f.get("arguments")
-            if isinstance(args, str):
-                try:
-                    parsed = json.loads(args)
-                except json.JSONDecodeError:
-                    parsed = None
-                # The reference wraps anything that is not a JSON object as {"arguments": raw}.
-                f["arguments"] = parsed if isinstance(parsed, dict) else {"arguments": args}
-    return out
+class SyntheticTokenizer(PreTrainedTokenizerFast):
+    """A word-level tokenizer over fixed token names: each whitespace-separated word is one id.
+    There is no unknown token: an unknown word is refused by name (not with a tokenizers error)."""
+
+    word_separator = " "  # what decoding puts between two tokens: print it before each one when streaming
+
+    def _check_words(self, text) -> None:
+        if isinstance(text, (list, tuple)):
+            for t in text:
+                self._check_words(t)
+            return
+        if not isinstance(text, str):
+            return  # pre-tokenized ids or pairs: transformers validates those itself
+        vocab = self.get_vocab()
+        for word in text.split():
+            if word not in vocab:
+                hint = f"; did you mean {word.upper()!r}?" if word.upper() in vocab else ""
+                names = self.convert_ids_to_tokens(list(range(len(vocab))))
+                raise ValueError(
+                    f"{word!r} is not a token of this {len(vocab)}-token vocabulary{hint} (its tokens: "
+                    f"{_name_ranges(names)}; words are separated by whitespace)"
+                )
+
+    def _encode_plus(self, text, text_pair=None, *args, **kwargs):  # every encode path of transformers 5
+        self._check_words([text, text_pair])
+        return super()._encode_plus(text, text_pair, *args, **kwargs)
+
+    def _batch_encode_plus(self, batch_text_or_text_pairs, *args, **kwargs):  # batches in transformers 4
+        self._check_words(batch_text_or_text_pairs)
+        return super()._batch_encode_plus(batch_text_or_text_pairs, *args, **kwargs)
+
+
+def _name_ranges(names: list[str]) -> str:
+    """'BOS EOS ... KEY_0..55 VAL_0..55': names PREFIX_i shown as one range per prefix."""
+    groups: dict[str, list] = {}
+    for name in names:
+        prefix, _, i = name.rpartition("_")
+        key, index = (prefix, int(i)) if prefix and i.isdigit() else (name, None)
+        groups.setdefault(key, []).append(index)
+    return " ".join(k if None in ix else f"{k}_{min(ix)}..{max(ix)}" for k, ix in groups.items())
+
+
+@functools.cache
+def synthetic_tokenizer() -> SyntheticTokenizer:
+    """The tokenizer of the synthetic 128-token vocabulary (``v4lens.tasks.TOKEN_NAMES``; tiny-recall's):
+    BOS 0, EOS 1, PAD 2, SEP 3, QUERY 4, UNUSED_5..7, FILL_0..7 (ids 8..15), KEY_0..55 (16..71),
+    VAL_0..55 (72..127). Encoding splits on whitespace and never adds BOS (``HookedV4.to_tokens``
+    does); decoding joins names with spaces, so ``to_tokens(to_string(ids))`` gives the ids back.
+    Cached and SHARED between callers, like ``load_tokenizer``: ``copy.deepcopy`` it before mutating.
+
+        >>> synthetic_tokenizer()("QUERY KEY_3")["input_ids"]   # [4, 19]
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    from . import tasks
+
+    names = tasks.TOKEN_NAMES
+    words = Tokenizer(models.WordLevel({name: i for i, name in enumerate(names)}))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    def special(name: str) -> AddedToken:  # single_word: "BOSQUERY" is an unknown word, not BOS + QUERY
+        return AddedToken(name, single_word=True, special=True, normalized=False)
+
+    return SyntheticTokenizer(
+        tokenizer_object=words, bos_token=special(names[tasks.BOS]), eos_token=special(names[tasks.EOS]),
+        pad_token=special(names[tasks.PAD]), clean_up_tokenization_spaces=False,
+    )  # fmt: skip
+
+
+def tokenizer_for(cfg) -> PreTrainedTokenizerFast:
+    """The tokenizer a model config goes with: the synthetic one for a vocabulary of exactly its
+    128 ids (tiny-recall, or any model trained with ``v4lens.train`` at that size, whatever its
+    folder is called), else the real V4 tokenizer. The real tokenizer's ids for almost any text
+    exceed 127, so a 128-token model could not read its output anyway."""
+    from .tasks import TOKEN_NAMES
+
+    return synthetic_tokenizer() if cfg.d_vocab == len(TOKEN_NAMES) else load_tokenizer()
 
 
 def render_chat(
     messages: list[dict[str, Any]],
     thinking: bool = False,
     add_generation_prompt: bool = True,
-    **template_kwargs: Any,
+    **options: Any,
 ) -> str:
-    """Render ``messages`` to the V4 prompt string (BOS included).
+    """Render ``messages`` to the V4 prompt string (BOS included): ``v4lens.chat.render``.
 
-    ``template_kwargs`` go to the template: ``drop_thinking``, ``reasoning_effort``, ``tools``.
-    Tool-call arguments given as JSON strings are parsed here first.
+    ``options``: ``drop_thinking``, ``reasoning_effort``, ``tools``, ``response_format``,
+    ``continue_final_message``. ``tok.apply_chat_template(messages, tokenize=False, ...)`` gives
+    the same string (it renders with the same code).
     """
-    return load_tokenizer().apply_chat_template(
-        _parse_tool_call_arguments(messages),
-        tokenize=False,
-        add_generation_prompt=add_generation_prompt,
-        thinking=thinking,
-        **template_kwargs,
-    )
+    from .chat.render import render
+
+    return render(messages, thinking, add_generation_prompt, **options)
 
 
 def check_text(text: str, what: str = "text") -> None:
