@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformer_lens.utilities.slice import Slice
 
+from ..model.guards import key_index_of, tag_candidates
 from ..model.kv_cache import V4KVCache
 from .cache import V4ActivationCache
 from .layout import position_axis
@@ -65,6 +66,8 @@ def caching_hooks(
 
     def save_hook(tensor: torch.Tensor, hook, is_backward: bool = False) -> None:
         t = tensor.detach().to(device)
+        if t.data_ptr() != tensor.data_ptr():  # moved: keep the key index (what each candidate slot holds)
+            tag_candidates(t, key_index_of(tensor))
         axis = position_axis(hook.name)
         if rows is not None and axis is not None and t.ndim > axis:
             t = take_rows(t, rows, axis, hook.name)

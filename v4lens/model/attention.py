@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .compressor import Compressor
 from .config import V4Config
+from .guards import tag_candidates
 from .indexer import Indexer, visible_entries
 from .kv_cache import AttentionState, V4KVCache, append_entries
 from .norm import RMSNorm
@@ -148,12 +149,14 @@ class Attention(nn.Module):
         to_local = {"n_raw": raw.shape[1], "n_keys": keys.shape[1], "first": first, "N": N}
         if any(map(is_hooked, (self.hook_key_index, self.hook_attn_scores, self.hook_pattern, self.hook_sink))):
             # someone reads or edits the whole key index (or the scores / pattern built on it): build it whole
-            local = self._local_index(self.hook_key_index(key_index_rows(0, S)), check=True, **to_local)
+            key_index = self.hook_key_index(key_index_rows(0, S))
+            local = self._local_index(key_index, check=True, **to_local)
 
             def index_rows(s0: int, s1: int) -> torch.Tensor:
                 return local[:, s0:s1]
 
         else:  # nothing looks: a query chunk's rows at a time, so memory grows linearly with S
+            key_index = None
 
             def index_rows(s0: int, s1: int) -> torch.Tensor:
                 return self._local_index(key_index_rows(s0, s1), check=False, **to_local)
@@ -163,7 +166,7 @@ class Attention(nn.Module):
 
         # a fresh tensor (repeat, not expand): an in-place hook edit must not write into attn_sink
         sink_logit = self.hook_sink_logit(self.attn_sink[None, :, None].repeat(b, 1, S))
-        z = self._attend(q, keys, index_rows, sink_logit)  # [b,S,H,c]
+        z = self._attend(q, keys, index_rows, sink_logit, key_index)  # [b,S,H,c]
         z = self.hook_z(apply_rope(z, positions, freqs, inverse=True))
         return self._project_out(z)
 
@@ -188,6 +191,7 @@ class Attention(nn.Module):
         keys: torch.Tensor,
         index_rows: Callable[[int, int], torch.Tensor],
         sink_logit: torch.Tensor,
+        key_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Softmax over each query's gathered candidates plus the sink logit; the sink column is dropped.
 
@@ -230,8 +234,9 @@ class Attention(nn.Module):
             chunk = scores_of(s0, s1, *candidates(s0, s1))
             scores = chunk.new_empty(b, S, *chunk.shape[2:]) if scores is None else scores
             scores[:, s0:s1] = chunk
-        scores = self.hook_attn_scores(scores.transpose(1, 2)).transpose(1, 2)
-        pattern, sink_mass = torch.empty_like(scores), q32.new_empty(b, S, H)
+        # the scores' and pattern's storages carry the key index (what each column is): a cache of them keeps it
+        scores = self.hook_attn_scores(tag_candidates(scores.transpose(1, 2), key_index)).transpose(1, 2)
+        pattern, sink_mass = tag_candidates(torch.empty_like(scores), key_index), q32.new_empty(b, S, H)
         for s0, s1 in spans:
             pattern[:, s0:s1], sink_mass[:, s0:s1] = softmax_with_sink(scores[:, s0:s1], sink[:, s0:s1])
         self.hook_sink(sink_mass.transpose(1, 2))
@@ -241,6 +246,10 @@ class Attention(nn.Module):
 
     def _project_out(self, z: torch.Tensor) -> torch.Tensor:
         """Grouped output projection: group g's heads -> wo_a[g] (R_o) -> concat -> wo_b. [b,S,H,c] -> [b,S,D]."""
+        if self.cfg.use_attn_result != hasattr(self, "hook_result"):  # cfg edited after the model was built
+            raise RuntimeError(f"cfg.use_attn_result was set to {self.cfg.use_attn_result} after the model was built; "
+                               f"switch it with model.set_use_attn_result({self.cfg.use_attn_result}), which adds "
+                               "or removes the blocks.{l}.attn.hook_result hook points")  # fmt: skip
         if self.cfg.use_attn_result:
             return self.hook_result(self.head_results(z)).sum(dim=2)
         # a head's channels are consecutive within its group: wo_a[g] is a plain [R_o, H·c/G] view

@@ -14,6 +14,13 @@ replacement, which must have the same shape, the same kind of dtype (floating / 
 and the same device; otherwise a ValueError / TypeError names the hook and both. A float of
 another precision is cast to the dtype that flows there (the model would round its own values
 to it too).
+
+Candidates. The last axis of attention scores and patterns is each query's K candidate slots, and
+which key sits in a slot (`attn.hook_key_index`) can differ between runs (the indexer's picks). The
+attention layer attaches its key index to the storage of the scores and pattern it hooks
+(`tag_candidates`), so a cached copy of them (same storage) still knows its candidates. A hook
+written as `functools.partial(fn, ..., tensor or cache)` (as `transformer_lens.patching`'s are) that
+pastes another run's scores or pattern slot by slot onto slots holding other keys is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import threading
 
 import torch
 from transformer_lens.hook_points import HookPoint
+
+from .tl_versions import added_handle
 
 # id(object) -> {thread id: [entries, exclusive entries]}, only while the object is in use (so an
 # id reused by a later object never inherits a stale claim). One lock for all: held for microseconds.
@@ -93,6 +102,50 @@ def checked_replacement(name: str, tensor, out):
     return out if out.dtype == tensor.dtype else out.to(tensor.dtype)
 
 
+KEY_INDEX_TAG = "v4lens_key_index"
+
+
+def tag_candidates(t: torch.Tensor, key_index: torch.Tensor | None) -> torch.Tensor:
+    """Attach the key index [b,p,K] to the storage of scores / a pattern [b,h,p,K] (None: no-op); returns t."""
+    if key_index is not None:
+        setattr(t.untyped_storage(), KEY_INDEX_TAG, key_index)
+    return t
+
+
+def key_index_of(t) -> torch.Tensor | None:
+    return getattr(t.untyped_storage(), KEY_INDEX_TAG, None) if isinstance(t, torch.Tensor) else None
+
+
+def _sources_with_other_candidates(hook, name: str, tensor) -> tuple[torch.Tensor | None, list]:
+    """(this run's key index, [(tensor, its key index)] for each tensor of another run that a partial hook
+    holds, directly or as `cache[name]`, whose candidates differ from this run's)."""
+    here = key_index_of(tensor) if isinstance(hook, functools.partial) else None
+    if here is None:
+        return None, []
+    held = [getattr(a, "cache_dict", {}).get(name, a) for a in (*hook.args, *hook.keywords.values())]
+    sources = [(t, key_index_of(t)) for t in held if isinstance(t, torch.Tensor) and t.shape == tensor.shape]
+    return here, [(t, k) for t, k in sources
+                  if k is not None and k is not here and not torch.equal(k.to(here.device), here)]  # fmt: skip
+
+
+def _refuse_slot_copies(name: str, before, after, here, sources) -> None:
+    """A value the hook wrote into slot j equal to the source's value in slot j, where slot j holds another key
+    there than here: a paste by column position across different candidates (ValueError)."""
+    for src, there in sources:
+        pasted = (after != before) & (after == src.to(after.device))  # [b,h,p,K]
+        wrong = pasted & (there.to(here.device) != here)[:, None]
+        if wrong.any():
+            b, h, p, j = (int(i) for i in wrong.nonzero()[0])
+            raise ValueError(
+                f"hook on {name} pasted another run's values slot by slot onto other candidates: at batch {b}, "
+                f"head {h}, query {p}, slot {j} is key {int(here[b, p, j])} in this run but key "
+                f"{int(there[b, p, j])} in the source (attn.hook_key_index; the last axis of scores and patterns "
+                "is candidate slots, not key positions, and the two runs' indexer picks differ). Patch patterns by "
+                "candidate with v4lens.patching.get_act_patch_attn_head_pattern_all_pos / _by_pos / "
+                "_dest_src_pos or v4lens.patching.pattern_patch_hooks instead of transformer_lens.patching's"
+            )
+
+
 class _CheckedHook:
     """A user hook whose return value goes through `checked_replacement`; looks like the hook it wraps."""
 
@@ -101,7 +154,12 @@ class _CheckedHook:
         functools.update_wrapper(self, hook, updated=())
 
     def __call__(self, tensor, hook):
-        return checked_replacement(hook.name, tensor, self.hook(tensor, hook=hook))
+        here, sources = _sources_with_other_candidates(self.hook, hook.name, tensor)
+        before = tensor.clone() if sources else None  # the hook may edit in place
+        out = checked_replacement(hook.name, tensor, self.hook(tensor, hook=hook))
+        if sources:
+            _refuse_slot_copies(hook.name, before, tensor if out is None else out, here, sources)
+        return out
 
     def __repr__(self) -> str:
         # repr(partial) prints its arguments (caches, tensors): slow, and TransformerLens avoids it too
@@ -117,7 +175,8 @@ class CheckedHookPoint(HookPoint):
     """
 
     def add_hook(self, hook, *args, **kwargs):
-        handle = super().add_hook(_CheckedHook(hook), *args, **kwargs)
+        checked = _CheckedHook(hook)
+        handle = added_handle(self, super().add_hook(checked, *args, **kwargs), checked)  # 3.x returns None
         if hasattr(handle, "user_hook"):
             handle.user_hook = hook  # list_hooks shows the user's function
         return handle

@@ -1,6 +1,7 @@
 """The engine every sweep shares: families of hook points (what a swept index patches and where),
-one patched forward per index (`_sweep`), one forward + backward for attribution patching (`_atp`).
-The public functions live in `sweeps.py`, `attribution.py` and `edits.py`.
+patched forwards over every index (`_sweep`, several indices per forward with `batch_size`), and
+attribution patching (`_atp`: one forward + backward, or `steps` points along the path to the target).
+The public functions live in `sweeps.py`, `pattern.py`, `attribution.py` and `edits.py`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from tqdm.auto import tqdm
 
 MetricFn = Callable[[torch.Tensor], torch.Tensor]
 Hooks = list  # list[tuple[str, Callable]]
-Target = Callable[[str, torch.Tensor], torch.Tensor]  # (hook name, activation) -> what to write there
+# (hook name, activation, rows) -> what to write there. `rows`: which rows of the forward's batch the
+# activation is (a slice; None = all): only targets that read other live tensors of the run need it.
+Target = Callable[..., torch.Tensor]
 
 
 # ====================================================================== the shared engine
@@ -28,11 +32,20 @@ class _Family:
     axes: tuple[str, ...]
     select: Callable[[tuple[int, ...]], tuple]
     cells: Callable[[torch.Tensor], torch.Tensor] | None = None
+    skip: Callable[[object, torch.Tensor, int, tuple[int, ...]], bool] | None = None  # (model, tokens, layer, rest)
+
+
+def _n_candidates(cfg, S: int, layer: int) -> int:
+    """K, the attention candidates per query of `layer` in a plain forward of S tokens (docs/hooks.md)."""
+    m = cfg.compress_ratio(layer)
+    return cfg.window_size + (0 if not m else min(cfg.index_topk, S // 4) if cfg.layer_type(layer) == "csa" else S // m)
 
 
 def _axis_size(model, tokens: torch.Tensor, axis: str) -> int:
-    cfg = model.cfg
-    return {"pos": tokens.shape[-1], "head": cfg.n_heads, "stream": cfg.hc_mult, "slot": cfg.n_activated_experts}[axis]
+    cfg, S = model.cfg, tokens.shape[-1]
+    if axis == "candidate":  # attention candidates: K of the widest layer
+        return max(_n_candidates(cfg, S, layer) for layer in range(cfg.n_layers))
+    return {"pos": S, "head": cfg.n_heads, "stream": cfg.hc_mult, "slot": cfg.n_activated_experts}[axis]
 
 
 def _existing(model, names: list[str]) -> list[str]:
@@ -58,7 +71,7 @@ def _clean_target(clean_cache) -> Target:
     """Target = the clean run's activation of the same hook (shape-checked against the corrupted one)."""
     store = getattr(clean_cache, "cache_dict", clean_cache)
 
-    def target(name: str, act: torch.Tensor) -> torch.Tensor:
+    def target(name: str, act: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         if name not in store:
             raise KeyError(f"clean_cache has no {name!r}; build it with model.run_with_cache(clean_tokens) "
                            "on a model that has this hook (and no names_filter that drops it)")  # fmt: skip
@@ -122,29 +135,60 @@ def _write_hook(act: torch.Tensor, hook, sel: tuple, target: Target) -> torch.Te
     return new
 
 
-def _sweep(model, tokens, metric, family: _Family, target: Target, reduce="scalar", baseline=False, what="patching"):
+def _write_copies(act: torch.Tensor, hook, copies: list[tuple[slice, tuple]], target: Target) -> torch.Tensor:
+    """Batched sweeps: each copy (rows of the batch, sel) gets target[sel] in its own rows only (on a copy of act)."""
+    new = act.clone()
+    for rows, sel in copies:
+        new[rows][sel] = target(hook.name, act[rows], rows)[sel].to(act.dtype)
+    return new
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive int, got {value!r}")
+    return value
+
+
+def _sweep(model, tokens, metric, family: _Family, target: Target, reduce="scalar", baseline=False, what="patching",
+           batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Run the corrupted tokens once per index of [layer, *family.axes], with family.names(layer)
-    overwritten at family.select(index) by target; collect the metric. NaN for absent layers."""
+    overwritten at family.select(index) by target; collect the metric. NaN for absent layers (and
+    for the indices `family.skip` names).
+
+    batch_size: indices per forward. The corrupted batch [b, p] is repeated into [n·b, p] and copy
+    k (rows k·b … (k+1)·b − 1) is patched at its own index; rows of a forward are independent, so
+    each copy's logits are those of its own patched run, up to the rounding of larger GEMMs.
+    Targets with `hooks(model, layers)` (reading other live tensors) get those hooks added.
+    """
     _require_eval(model, what)
     tokens = _check_tokens(model, tokens)
+    per_forward = _positive_int(batch_size, "batch_size (swept indices per forward)")
     ev = _Metric(metric, reduce, tokens.shape[0])
     axes = ["layer", *family.axes]
     sizes = (model.cfg.n_layers, *(_axis_size(model, tokens, a) for a in family.axes))
     per_example = (tokens.shape[0],) if reduce != "scalar" else ()
     store = torch.full((len(ev.fns), *sizes, *per_example), float("nan"), device=tokens.device)
+    skip = family.skip or (lambda model, tokens, layer, rest: False)
+    cells = [(layer, rest) for layer in range(sizes[0]) if family.names(model, layer)
+             for rest in itertools.product(*(range(s) for s in sizes[1:]))
+             if not skip(model, tokens, layer, rest)]  # fmt: skip
+    b = tokens.shape[0]
     base = None
     with torch.no_grad():
         if baseline:
             base = ev(model.run_with_hooks(tokens, fwd_hooks=[]))
-        for layer in range(sizes[0]):
-            names = family.names(model, layer)
-            if not names:
-                continue
-            for rest in itertools.product(*(range(s) for s in sizes[1:])):
-                hook = partial(_write_hook, sel=family.select(rest), target=target)
-                store[(slice(None), layer, *rest)] = ev(
-                    model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names])
-                )
+        chunks = [cells[i : i + per_forward] for i in range(0, len(cells), per_forward)]
+        for chunk in tqdm(chunks, desc=what, unit="forward", disable=not progress):
+            copies: dict[str, list] = {}
+            for k, (layer, rest) in enumerate(chunk):
+                for name in family.names(model, layer):
+                    copies.setdefault(name, []).append((slice(k * b, (k + 1) * b), family.select(rest)))
+            hooks = [(n, partial(_write_copies, copies=c, target=target)) for n, c in copies.items()]
+            if hasattr(target, "hooks"):
+                hooks = target.hooks(model, sorted({layer for layer, _ in chunk})) + hooks
+            logits = model.run_with_hooks(tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
+            for k, (layer, rest) in enumerate(chunk):
+                store[(slice(None), layer, *rest)] = ev(logits[k * b : (k + 1) * b])
     return ev.finish(store, base, axes, sizes)
 
 
@@ -157,16 +201,60 @@ def _require_grad_mode() -> None:
         )
 
 
-def _atp(model, tokens, metric, family: _Family, target: Target, reduce="scalar") -> torch.Tensor:
-    """One forward on the corrupted tokens caching family.names of every layer, one backward
-    (torch.autograd.grad, so no parameter's .grad is touched); cell = Σ (target - act) · grad."""
+def _atp(model, tokens, metric, family: _Family, target: Target, reduce="scalar", steps: int = 1) -> torch.Tensor:
+    """cell = Σ (target - act) · ∂metric/∂act, by torch.autograd.grad (no parameter's .grad is touched).
+
+    steps=1: the gradient of one forward on the corrupted tokens (plain AtP). steps=N: integrated
+    gradients, the mean gradient at N points act + α·(target − act), α = 0, 1/N, …, (N−1)/N (a left
+    Riemann sum, so its first point is plain AtP), one layer's family hooks moved at a time
+    (`_path_gradients`).
+    """
     _require_grad_mode()
     _require_eval(model, "attribution patching")
     tokens = _check_tokens(model, tokens)
     ev = _Metric(metric, reduce, tokens.shape[0])
     if ev.multi:
         raise ValueError("attribution patching takes one metric (a callable), not a mapping")
+    steps = _positive_int(steps, "steps (points along the path; 1 = plain AtP)")
     names = {layer: family.names(model, layer) for layer in range(model.cfg.n_layers)}
+    if steps == 1:
+        deltas, grads = _corrupted_gradients(model, tokens, ev, names, target)
+    else:
+        deltas, grads = {}, {}
+        for ns in names.values():
+            if ns:
+                layer_deltas, layer_grads = _path_gradients(model, tokens, ev, ns, target, steps)
+                deltas.update(layer_deltas)
+                grads.update(layer_grads)
+
+    sizes = tuple(_axis_size(model, tokens, a) for a in family.axes)
+    out = torch.full((model.cfg.n_layers, *sizes, tokens.shape[0]), float("nan"), device=tokens.device)
+    with torch.no_grad():
+        for layer, ns in names.items():
+            if not ns:
+                continue
+            total = 0.0
+            for n in ns:
+                total = total + family.cells(deltas[n] * grads[n].float())  # [b, *axes]
+            out[layer] = total.movedim(0, -1)
+    return out if reduce == "none" else out.sum(-1)
+
+
+def _differentiable_value(ev: _Metric, logits: torch.Tensor) -> torch.Tensor:
+    """The metric of one batch as a scalar whose gradient holds each example's own gradient
+    (examples are independent, so the gradient of their sum does)."""
+    value = ev.raw("metric", logits)
+    value = {"scalar": value, "mean": value.mean(), "none": value.sum()}[ev.reduce] if value.ndim else value
+    if not value.requires_grad:
+        raise RuntimeError(
+            "the metric does not depend differentiably on the logits (it returned a tensor without a "
+            "graph: avoid .item(), .detach(), argmax or comparisons in the metric)"
+        )
+    return value
+
+
+def _corrupted_gradients(model, tokens, ev: _Metric, names: dict, target: Target) -> tuple[dict, dict]:
+    """One forward caching the family's hooks of every layer, one backward -> ({name: target - act}, {name: grad})."""
     acts: dict[str, torch.Tensor] = {}
 
     def keep(act: torch.Tensor, hook) -> torch.Tensor:
@@ -180,31 +268,41 @@ def _atp(model, tokens, metric, family: _Family, target: Target, reduce="scalar"
 
     with model.hooks(fwd_hooks=[(n, keep) for ns in names.values() for n in ns]):
         logits = model(tokens)
-    value = ev.raw("metric", logits)
-    # examples are independent, so the gradient of the sum holds each example's own gradient
-    value = {"scalar": value, "mean": value.mean(), "none": value.sum()}[reduce] if value.ndim else value
-    if not value.requires_grad:
-        raise RuntimeError(
-            "the metric does not depend differentiably on the logits (it returned a tensor without a "
-            "graph: avoid .item(), .detach(), argmax or comparisons in the metric)"
-        )
+    value = _differentiable_value(ev, logits)
     order = [n for ns in names.values() for n in ns]
     grads = torch.autograd.grad(value, [acts[n] for n in order], allow_unused=True)
     grad_of = {n: (torch.zeros_like(acts[n]) if g is None else g) for n, g in zip(order, grads)}
-
-    sizes = tuple(_axis_size(model, tokens, a) for a in family.axes)
-    out = torch.full((model.cfg.n_layers, *sizes, tokens.shape[0]), float("nan"), device=tokens.device)
     with torch.no_grad():
-        for layer, ns in names.items():
-            if not ns:
-                continue
-            total = 0.0
-            for n in ns:
-                act = acts[n].detach()
-                delta = target(n, act).float() - act.float()
-                total = total + family.cells(delta * grad_of[n].float())  # [b, *axes]
-            out[layer] = total.movedim(0, -1)
-    return out if reduce == "none" else out.sum(-1)
+        deltas = {n: target(n, acts[n].detach()).float() - acts[n].detach().float() for n in order}
+    return deltas, grad_of
+
+
+def _path_gradients(model, tokens, ev: _Metric, names: list[str], target: Target, steps: int) -> tuple[dict, dict]:
+    """One layer's hooks `names` moved along the straight path to the target: a forward of `steps`
+    copies of the batch, copy k's activations set to act + (k/steps)·(target − act), one backward.
+    -> ({name: target - act at the corrupted point}, {name: mean gradient over the copies})."""
+    b = tokens.shape[0]
+    points: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}
+
+    def move(act: torch.Tensor, hook) -> torch.Tensor:
+        with torch.no_grad():
+            parts = []
+            for k in range(steps):
+                rows = slice(k * b, (k + 1) * b)
+                delta = target(hook.name, act[rows], rows).float() - act[rows].float()
+                deltas.setdefault(hook.name, delta)  # copy 0 (alpha 0) holds the corrupted activation
+                parts.append((act[rows].float() + (k / steps) * delta).to(act.dtype))
+        points[hook.name] = torch.cat(parts).requires_grad_(True)  # a leaf: its gradient is all we need
+        return points[hook.name]
+
+    with model.hooks(fwd_hooks=[(n, move) for n in names]):
+        logits = model(tokens.repeat(steps, 1))
+    value = sum(_differentiable_value(ev, logits[k * b : (k + 1) * b]) for k in range(steps))
+    grads = torch.autograd.grad(value, [points[n] for n in names], allow_unused=True)
+    mean = {n: torch.zeros_like(deltas[n]) if g is None else g.float().view(steps, b, *g.shape[1:]).mean(0)
+            for n, g in zip(names, grads)}  # fmt: skip
+    return deltas, mean
 
 
 # ====================================================================== families
@@ -277,7 +375,7 @@ def _comb_target(value, n: int) -> Target:
         fixed = torch.as_tensor(value, dtype=torch.float32)
         if fixed.shape != (n, n):
             raise ValueError(f"a comb value must be [{n}, {n}], got {tuple(fixed.shape)}")
-    return lambda name, act: fixed.to(act.device, act.dtype).expand_as(act)
+    return lambda name, act, rows=None: fixed.to(act.device, act.dtype).expand_as(act)
 
 
 def _sink_target(ablate, scale: float, shift: float) -> tuple[Target, bool]:
@@ -286,8 +384,8 @@ def _sink_target(ablate, scale: float, shift: float) -> tuple[Target, bool]:
     if ablate and (scale != 1.0 or shift != 0.0):
         raise ValueError("pass either ablate=True or scale/shift, not both")
     if ablate:
-        return (lambda name, act: torch.full_like(act, float("-inf"))), True
-    return (lambda name, act: act * scale + shift), False
+        return (lambda name, act, rows=None: torch.full_like(act, float("-inf"))), True
+    return (lambda name, act, rows=None: act * scale + shift), False
 
 
 _SINK = _Family(_per_layer("blocks.{l}.attn.hook_sink_logit"), ("head",), lambda r: (_ALL, r[0]), lambda c: c.sum(-1))

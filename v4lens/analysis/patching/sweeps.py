@@ -1,5 +1,5 @@
-"""Real activation patching: the `get_act_patch_*` sweeps, one patched forward per swept index
-(conventions: the package docstring, `help(v4lens.patching)`)."""
+"""Real activation patching: the `get_act_patch_*` sweeps, one patched forward per swept index, or
+`batch_size` indices per forward (conventions: the package docstring, `help(v4lens.patching)`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .engine import (
 
 # ====================================================================== real patching sweeps
 def get_act_patch_streams(model, corrupted_tokens, clean_cache, patching_metric, where: str = "pre",
-                          per_stream: bool = False, *, reduce="scalar", baseline=False):  # fmt: skip
+                          per_stream: bool = False, *, reduce="scalar", baseline=False, batch_size: int = 1,
+                          progress: bool = False):  # fmt: skip
     """Patch the clean streams `blocks.{l}.hook_streams_{where}` ([b,p,n,d]) at one position
     (all n streams, or with `per_stream=True` one stream j) -> [layer, pos] or [layer, pos, stream].
 
@@ -34,10 +35,11 @@ def get_act_patch_streams(model, corrupted_tokens, clean_cache, patching_metric,
     >>> res = get_act_patch_streams(model, corrupted, clean_cache, metric, where="mid")  # [L, p]
     """
     return _sweep(model, corrupted_tokens, patching_metric, _streams_family(where, per_stream),
-                  _clean_target(clean_cache), reduce, baseline)  # fmt: skip
+                  _clean_target(clean_cache), reduce, baseline, batch_size=batch_size, progress=progress)  # fmt: skip
 
 
-def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar", baseline=False):
+def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar", baseline=False,
+                           batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Patch the clean attention output `blocks.{l}.hook_attn_out` [b,p,d] at one position -> [layer, pos].
 
     Holds fixed: the corrupted mHC weights (`post`, `comb`) and streams of that block; the output
@@ -47,10 +49,12 @@ def get_act_patch_attn_out(model, corrupted_tokens, clean_cache, patching_metric
     >>> res = get_act_patch_attn_out(model, corrupted, clean_cache, metric)  # [L, p]
     """
     family = _pos_family(["blocks.{l}.hook_attn_out"], 1)
-    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
-def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar", baseline=False):
+def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar", baseline=False,
+                          batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Patch the clean MoE output `blocks.{l}.hook_mlp_out` [b,p,d] at one position -> [layer, pos].
 
     Holds fixed: the corrupted mlp_hc weights and streams. Same values as TransformerLens's
@@ -59,11 +63,12 @@ def get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, patching_metric,
     >>> res = get_act_patch_mlp_out(model, corrupted, clean_cache, metric)  # [L, p]
     """
     family = _pos_family(["blocks.{l}.hook_mlp_out"], 1)
-    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
-def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, patching_metric, *,
-                                        reduce="scalar", baseline=False):  # fmt: skip
+def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar",
+                                        baseline=False, batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Patch one head's clean output `blocks.{l}.attn.hook_z[:, :, h]` at every position -> [layer, head].
 
     Holds fixed: the other heads' z, so the grouped output projection mixes clean head h with the
@@ -72,11 +77,11 @@ def get_act_patch_attn_head_out_all_pos(model, corrupted_tokens, clean_cache, pa
     >>> res = get_act_patch_attn_head_out_all_pos(model, corrupted, clean_cache, metric)  # [L, H]
     """
     return _sweep(model, corrupted_tokens, patching_metric, _head_family(False), _clean_target(clean_cache),
-                  reduce, baseline)  # fmt: skip
+                  reduce, baseline, batch_size=batch_size, progress=progress)  # fmt: skip
 
 
-def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, patching_metric, *,
-                                       reduce="scalar", baseline=False):  # fmt: skip
+def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar",
+                                       baseline=False, batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Patch one head's clean z at one position -> [layer, pos, head] (TransformerLens's layout).
 
     Holds fixed: every other (position, head) of `attn.hook_z`.
@@ -84,11 +89,11 @@ def get_act_patch_attn_head_out_by_pos(model, corrupted_tokens, clean_cache, pat
     >>> res = get_act_patch_attn_head_out_by_pos(model, corrupted, clean_cache, metric)  # [L, p, H]
     """
     return _sweep(model, corrupted_tokens, patching_metric, _head_family(True), _clean_target(clean_cache),
-                  reduce, baseline)  # fmt: skip
+                  reduce, baseline, batch_size=batch_size, progress=progress)  # fmt: skip
 
 
 def get_act_patch_expert_out(model, corrupted_tokens, clean_cache, patching_metric, per_position: bool = False, *,
-                             reduce="scalar", baseline=False):  # fmt: skip
+                             reduce="scalar", baseline=False, batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Patch the clean weighted output of routing slot s (`mlp.hook_expert_out[:, :, s]`, [b,p,k,d])
     into the corrupted run -> [layer, slot] (all positions) or [layer, pos, slot].
 
@@ -102,11 +107,13 @@ def get_act_patch_expert_out(model, corrupted_tokens, clean_cache, patching_metr
     >>> res = get_act_patch_expert_out(m, corrupted, m.run_with_cache(clean)[1], metric)  # [L, k]
     """
     family = _expert_out_family(model, per_position)
-    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
 def get_act_patch_routing(model, corrupted_tokens, clean_cache, patching_metric,
-                          what: Literal["both", "ids", "weights"] = "both", *, reduce="scalar", baseline=False):  # fmt: skip
+                          what: Literal["both", "ids", "weights"] = "both", *, reduce="scalar", baseline=False,
+                          batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Route one position as the clean run did -> [layer, pos]: `mlp.hook_expert_ids` and
     `mlp.hook_expert_weights` set to their clean values there (`what="both"`), the experts then
     run on the corrupted input.
@@ -122,11 +129,12 @@ def get_act_patch_routing(model, corrupted_tokens, clean_cache, patching_metric,
     if what not in parts:
         raise ValueError(f"what must be 'both', 'ids' or 'weights', got {what!r}")
     family = _pos_family([f"blocks.{{l}}.mlp.hook_expert_{p}" for p in parts[what]], 1)
-    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
-def get_act_patch_indexer_topk(model, corrupted_tokens, clean_cache, patching_metric, *,
-                               reduce="scalar", baseline=False):  # fmt: skip
+def get_act_patch_indexer_topk(model, corrupted_tokens, clean_cache, patching_metric, *, reduce="scalar",
+                               baseline=False, batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Give one query the clean run's indexer picks (`attn.indexer.hook_topk[:, p]`, int64 [b,p,k])
     -> [layer, pos]; NaN on layers without an indexer (sliding, HCA).
 
@@ -136,11 +144,13 @@ def get_act_patch_indexer_topk(model, corrupted_tokens, clean_cache, patching_me
     >>> res = get_act_patch_indexer_topk(model, corrupted, clean_cache, metric)  # [L, p]
     """
     family = _pos_family(["blocks.{l}.attn.indexer.hook_topk"], 0)
-    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
 def get_act_patch_sink(model, corrupted_tokens, clean_cache, patching_metric, *, ablate: bool | None = None,
-                       scale: float = 1.0, shift: float = 0.0, reduce="scalar", baseline=False):  # fmt: skip
+                       scale: float = 1.0, shift: float = 0.0, reduce="scalar", baseline=False, batch_size: int = 1,
+                       progress: bool = False):  # fmt: skip
     """Ablate (logit -inf: the head has no sink) or rescale one head's sink logit
     (`attn.hook_sink_logit[:, h]`, every query) -> [layer, head].
 
@@ -153,11 +163,12 @@ def get_act_patch_sink(model, corrupted_tokens, clean_cache, patching_metric, *,
     >>> res = get_act_patch_sink(model, tokens, None, metric)  # [L, H]
     """
     target, _ = _sink_target(ablate, scale, shift)
-    return _sweep(model, corrupted_tokens, patching_metric, _SINK, target, reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, _SINK, target, reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
 def get_act_patch_hc(model, corrupted_tokens, clean_cache, patching_metric, what="comb", hc: str = "attn_hc", *,
-                     reduce="scalar", baseline=False):  # fmt: skip
+                     reduce="scalar", baseline=False, batch_size: int = 1, progress: bool = False):  # fmt: skip
     """Patch the clean mHC mixing of one sub-layer at one position -> [layer, pos].
 
     what: "pre" ([b,p,n] collapse weights), "post" ([b,p,n] expand weights), "comb" ([b,p,n,n]
@@ -167,11 +178,13 @@ def get_act_patch_hc(model, corrupted_tokens, clean_cache, patching_metric, what
     >>> res = get_act_patch_hc(model, corrupted, clean_cache, metric, what="post", hc="mlp_hc")  # [L, p]
     """
     family = _pos_family(_hc_names(hc, what), 1)
-    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline)
+    return _sweep(model, corrupted_tokens, patching_metric, family, _clean_target(clean_cache), reduce, baseline,
+                  batch_size=batch_size, progress=progress)
 
 
 def get_act_patch_hc_comb_fixed(model, corrupted_tokens, clean_cache, patching_metric, value="identity",
-                                hc: str = "both", *, reduce="scalar", baseline=False):  # fmt: skip
+                                hc: str = "both", *, reduce="scalar", baseline=False, batch_size: int = 1,
+                                progress: bool = False):  # fmt: skip
     """Force one layer's `hook_comb` to the identity (each stream keeps itself), the uniform
     matrix 1/n (every stream becomes the mean stream) or a given [n, n] matrix, at every
     position -> [layer].
@@ -183,4 +196,4 @@ def get_act_patch_hc_comb_fixed(model, corrupted_tokens, clean_cache, patching_m
     """
     family = _layer_family(_per_layer(*_hc_names(hc, "comb")))
     return _sweep(model, corrupted_tokens, patching_metric, family, _comb_target(value, model.cfg.hc_mult),
-                  reduce, baseline)  # fmt: skip
+                  reduce, baseline, batch_size=batch_size, progress=progress)  # fmt: skip
