@@ -13,6 +13,7 @@ from transformer_lens import patching as tl_patching
 
 import v4lens
 from v4lens import patching as P
+from v4lens.model.tl_versions import TL_VERSION
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -211,6 +212,7 @@ def test_same_values_as_transformer_lens(pair, fn):
     torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
 
 
+@pytest.mark.skipif(TL_VERSION < (4, 2), reason="PatchingResult came in TransformerLens 4.2")
 def test_per_example_result_and_baseline(pair):
     res = P.get_act_patch_mlp_out(pair.model, pair.corrupted, pair.clean_cache, per_example, reduce="none",
                                   baseline=True)  # fmt: skip

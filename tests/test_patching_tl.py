@@ -11,8 +11,11 @@ import torch
 from transformer_lens import patching
 
 import v4lens
+from v4lens.model.tl_versions import TL_VERSION
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+# what TransformerLens 4.2 added to its patching: reduce=, PatchingResult, the direct path, the eval-mode check
+TL42 = pytest.mark.skipif(TL_VERSION < (4, 2), reason="needs transformer-lens 4.2+ patching")
 
 S = 10
 ANSWER = 17
@@ -129,6 +132,7 @@ def test_generic_patch_flattened_index_matches_the_full_sweep(tiny256, setup):
     torch.testing.assert_close(flat, full[rows["layer"].tolist(), rows["pos"].tolist()], atol=1e-6, rtol=0)
 
 
+@TL42
 def test_per_example_results_and_baseline(tiny256, setup):
     _, corrupted, clean_logits, clean_cache, corrupted_logits = setup
     with torch.no_grad():
@@ -160,6 +164,7 @@ def test_sweeps_over_hooks_v4_lacks_raise(tiny256, setup, fn, missing):
         getattr(patching, fn)(tiny256, corrupted, clean_cache, metric)
 
 
+@TL42
 def test_direct_path_patching_raises(tiny256, setup):
     """Direct-path patching needs per-head W_O into one [b,p,d] residual; V4 heads write through a
     grouped low-rank projection into n streams: it refuses (AttributeError on W_O today)."""
@@ -194,6 +199,7 @@ def test_tl_head_sweeps_by_pos_and_q_equal_v4lens_sweeps(tiny256, setup):
     torch.testing.assert_close(tl_q[l, h], by_hand, atol=1e-6, rtol=0)
 
 
+@TL42
 def test_patching_requires_eval_mode(setup):
     clean_tokens, corrupted, _, clean_cache, _ = setup
     model = v4lens.load("tiny", d_vocab=256, seed=0).train()

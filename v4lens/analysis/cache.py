@@ -14,6 +14,7 @@ import torch
 from transformer_lens.ActivationCache import ActivationCache
 from transformer_lens.utilities.slice import Slice
 
+from ..model import tl_versions
 from .cache_compat import ResidualMethods
 from .hook_names import resolve_hook_name
 from .layout import position_axis
@@ -71,7 +72,7 @@ class V4ActivationCache(ResidualMethods, ActivationCache):
     def remove_batch_dim(self, batch_size: int | None = None) -> V4ActivationCache:
         """Drop the batch axis of a batch-1 cache in place (TransformerLens's semantics)."""
         had_batch = self.has_batch_dim
-        super().remove_batch_dim(batch_size)
+        tl_versions.remove_batch_dim(super().remove_batch_dim, batch_size)  # 3.x takes no batch_size
         if had_batch and self.tokens is not None and self.tokens.ndim == 2:
             self.tokens = self.tokens[0]
         return self

@@ -14,6 +14,8 @@ from functools import partial
 import torch
 from tqdm.auto import tqdm
 
+from ...model import tl_versions
+
 MetricFn = Callable[[torch.Tensor], torch.Tensor]
 Hooks = list  # list[tuple[str, Callable]]
 # (hook name, activation, rows) -> what to write there. `rows`: which rows of the forward's batch the
@@ -119,7 +121,7 @@ class _Metric:
             base = None if base is None else base.mean(-1)
         if not (self.multi or self.reduce == "none" or base is not None):
             return store[0]
-        from transformer_lens.patching import PatchingResult, make_df_from_ranges
+        PatchingResult, make_df_from_ranges = tl_versions.patching_result()  # TransformerLens 4.2+
 
         return PatchingResult(
             values=store if self.multi else store[0], axis_names=axes, index_df=make_df_from_ranges(sizes, axes),
