@@ -1488,6 +1488,308 @@ print("streams replaced by their mean:", accuracy(model.run_with_hooks(tokens, f
 ]
 
 
+# ============================================================================ 10 agentic transcripts
+NB10 = [
+    md("""
+# 10 · Agentic transcripts: segments, indexer picks and experts
+
+Agentic transcripts — a system prompt with tools, a question, interleaved reasoning, tool calls,
+tool results, an answer — are what a lot of interpretability work on V4 now studies. `v4lens.chat`
+renders DeepSeek-V4's prompt format byte for byte and labels **every token** with the part of the
+conversation it belongs to: the system prompt, the tools block, each user turn, each assistant
+turn's thinking, content and tool calls (tool name, each argument), each tool result
+(docs/chat.md). Statistics, figures, caches and the activation store all take that labelling:
+
+1. render a multi-turn transcript and look at its segments table;
+2. one forward, then figures with their token axes coloured by part;
+3. per part: the attention-sink mass, where the Lightning Indexer's picks land, which experts run;
+4. select positions by part: the streams at every tool-result token, in a cache and on disk.
+
+The model is `mini-3b` (3.2B parameters in bf16, ~8 GB of memory at peak; about 2 minutes on a
+2-core CPU, most of it one 1,450-token forward). Set `V4LENS_NOTEBOOK_MODEL=tiny` to run the same
+notebook in seconds (same tokenizer and vocabulary, 4 layers): the tests do. Both are seeded random scaffolds, so the numbers below are **baselines**,
+what the architecture does before any learning: each table says what a trained checkpoint
+(`v4lens.load("path/to/mini-3b-from-flash")`) would be compared against.
+"""),
+    code(SETUP),
+    code("""
+import time
+
+from v4lens import chat
+
+MODEL = os.environ.get("V4LENS_NOTEBOOK_MODEL", "mini-3b")  # the tests set "tiny"
+model = v4lens.load(MODEL, dtype="bf16" if MODEL == "mini-3b" else None)
+cfg = model.cfg
+csa = [l for l in range(cfg.n_layers) if cfg.layer_type(l) == "csa"]
+print(f"{MODEL}: {cfg.n_layers} layers; CSA layers {csa}; the indexer keeps {cfg.index_topk} compressed entries "
+      f"(4 tokens each); {cfg.n_routed_experts} experts, top-{cfg.n_activated_experts}; "
+      f"hash-routed layers {list(range(cfg.n_hash_layers))}")
+"""),
+    md("""
+## 1 · A transcript
+
+Three tools, one question, two parallel searches, a page read, a calculation, an answer, then a
+follow-up question. Tool arguments are JSON strings, as OpenAI-style clients send them.
+"""),
+    code(r'''
+import json
+
+def tool(name, description, argument):
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": {argument: {"type": "string"}}, "required": [argument]}}}
+
+def call(id, name, **arguments):
+    return {"id": id, "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+
+tools = [tool("search", "Search the web; returns the top results as title, url and snippet", "query"),
+         tool("open_page", "Fetch a web page and return its main text", "url"),
+         tool("calculator", "Evaluate an arithmetic expression", "expression")]
+eiffel = json.dumps([
+    {"title": "Eiffel Tower - Official website", "url": "https://www.toureiffel.paris/en/the-monument/key-figures",
+     "snippet": "The Eiffel Tower is 330 metres tall including its antennas. Built for the 1889 World's Fair, it "
+                "was the tallest structure in the world until 1930."},
+    {"title": "Eiffel Tower | History, Height, & Facts", "url": "https://www.britannica.com/topic/Eiffel-Tower",
+     "snippet": "Parisian landmark that is also a technological masterpiece in building-construction history. "
+                "Its height is 300 metres without the antenna."},
+    {"title": "How tall is the Eiffel Tower? It grows in summer", "url": "https://example.org/eiffel-heat",
+     "snippet": "Thermal expansion of the iron makes the tower up to 15 centimetres taller on hot days."}], indent=1)
+skytree = json.dumps([
+    {"title": "Tokyo Skytree - Wikipedia", "url": "https://en.wikipedia.org/wiki/Tokyo_Skytree",
+     "snippet": "A broadcasting and observation tower in Sumida, Tokyo. It became the tallest structure in Japan "
+                "in 2010 and reached its full height of 634.0 metres in March 2011."},
+    {"title": "TOKYO SKYTREE | Facts", "url": "https://www.tokyo-skytree.jp/en/about/",
+     "snippet": "Height 634 m. The number was chosen because 6 (mu), 3 (sa) and 4 (shi) read as Musashi, the old "
+                "name of the region."}], indent=1)
+page = "\n\n".join([
+    "Tokyo Skytree",
+    "Tokyo Skytree is a broadcasting and observation tower in Sumida, Tokyo. It became the tallest structure in "
+    "Japan in 2010 and reached its full height of 634.0 metres (2,080 ft) in March 2011, making it the tallest "
+    "tower in the world, displacing the Canton Tower, and the second tallest structure in the world after the "
+    "Burj Khalifa (829.8 m).",
+    "Design. The design was published on 24 November 2006. The base of the tower has a structure similar to a "
+    "tripod; from a height of about 350 m and above, the tower's structure is cylindrical to offer panoramic "
+    "views of the river and the city. There are observatories at 350 m, with a capacity of up to 2,000 people, "
+    "and 450 m, with a capacity of 900 people.",
+    "Construction. Construction began on 14 July 2008. The tower reached 634 m on 18 March 2011, and the "
+    "broadcasting antenna was completed the same month. The tower opened to the public on 22 May 2012.",
+    "Broadcasting. The tower is the primary television and radio broadcast site for the Kanto region; the older "
+    "Tokyo Tower no longer gives complete digital terrestrial coverage because high-rise buildings surround it."])
+
+messages = [
+    {"role": "system", "content": "You are a research agent. Check every fact with the tools before you answer, "
+                                  "and give the numbers you used."},
+    {"role": "user", "content": "Which is taller, the Eiffel Tower or the Tokyo Skytree, and by how many feet?"},
+    {"role": "assistant", "content": "",
+     "reasoning_content": "I need both heights from reliable sources. Search for each tower separately.",
+     "tool_calls": [call("c1", "search", query="Eiffel Tower height"),
+                    call("c2", "search", query="Tokyo Skytree height")]},
+    {"role": "tool", "tool_call_id": "c1", "content": eiffel},
+    {"role": "tool", "tool_call_id": "c2", "content": skytree},
+    {"role": "assistant", "content": "",
+     "reasoning_content": "The Eiffel Tower is 330 m with antennas (300 m without). The Skytree snippets say "
+                          "634 m; confirm on the full page before computing.",
+     "tool_calls": [call("c3", "open_page", url="https://en.wikipedia.org/wiki/Tokyo_Skytree")]},
+    {"role": "tool", "tool_call_id": "c3", "content": page},
+    {"role": "assistant", "content": "",
+     "reasoning_content": "Skytree 634.0 m, Eiffel 330 m. Difference 304 m; one metre is 3.28084 ft.",
+     "tool_calls": [call("c4", "calculator", expression="(634 - 330) * 3.28084")]},
+    {"role": "tool", "tool_call_id": "c4", "content": "997.37536"},
+    {"role": "assistant", "reasoning_content": "304 m is about 997 ft. Give both heights and the difference.",
+     "content": "The Tokyo Skytree is taller: 634 m against the Eiffel Tower's 330 m (with antennas), a "
+                "difference of 304 m, about 997 feet."},
+    {"role": "user", "content": "And how much taller than the Skytree is the Burj Khalifa?"},
+]
+'''),
+    md("""
+## 2 · Render and label
+
+`chat.segments` renders the conversation as `chat.render` does (thinking mode here: with tools in
+play every turn keeps its reasoning) and tokenizes it: one row per span of tokens, tiling the
+prompt. `part` says what a span is; `turn` counts the assistant replies before it; `tool` and
+`argument` name the call a span belongs to. The format's own markup (role tokens, DSML tags,
+`<tool_result>`) is `marker`.
+"""),
+    code("""
+seg = chat.segments(messages, model, thinking=True, tools=tools)
+print(seg)
+table = seg.to_pandas()
+table["tokens"] = table.stop - table.start
+table.groupby("part", sort=False).tokens.sum().to_frame().T
+"""),
+    code("""
+for r in seg:  # the conversation without markup and tool schemas, span by span
+    if r.part not in ("marker", "tools", "tool_schema"):
+        print(f"{r.start:5d}–{r.stop:<5d} turn {r.turn}  {r.part:13s} {r.tool or '':10s} {r.text[:58]!r}")
+"""),
+    md("""
+Filters select tokens: `seg.mask(kind, **fields)` is a bool `[S]`, `seg.positions(...)` the
+indices, `seg.labels(field)` one label per token.
+"""),
+    code("""
+at = seg.positions("argument", tool="calculator")
+print("the calculator's argument:", repr("".join(seg.str_tokens[p] for p in at)), "at", at.tolist())
+print("tool-result tokens:", int(seg.mask("tool_result").sum()), "of", seg.n_tokens)
+"""),
+    md("""
+## 3 · One forward, caching what we read
+
+The per-segment statistics declare the hooks they read (`stats.names_filter`), the figures below
+need the routers' weights and scores and the indexer's scores; nothing else is kept, and
+`return_type=None` skips the logits.
+"""),
+    code("""
+learned = next(l for l in range(cfg.n_layers) if not cfg.is_hash_layer(l))  # the first learned router
+reads = stats.names_filter("sink_mass_by_segment", "indexer_picks_by_segment", "expert_load_by_segment")
+router = plot.style.hook_filter("mlp.hook_expert_weights", "mlp.hook_router_scores", blocks=[f"blocks.{learned}"])
+scores = plot.style.hook_filter("attn.indexer.hook_scores", blocks=[f"blocks.{csa[-1]}"])
+t0 = time.perf_counter()
+_, cache = model.run_with_cache(seg.tokens(), names_filter=lambda n: reads(n) or router(n) or scores(n),
+                                return_type=None)
+print(f"{seg.n_tokens} tokens: {len(cache)} tensors cached in {time.perf_counter() - t0:.1f} s")
+"""),
+    md("""
+## 4 · Figures coloured by segment
+
+`segments=seg` colours a figure's token labels by part, with a legend (`segment_field="role"`,
+`"turn"`, ... for other columns). First the router of a learned layer, from the end of the
+`open_page` call into the page it returned: each row is a token, each column an expert.
+"""),
+    code("""
+page_start = seg.select("tool_result", tool="open_page")[0].start
+plot.router_heatmap(model, cache, learned, segments=seg, focus=page_start + 24, max_positions=48).show()
+"""),
+    md("""
+The indexer's scores for the tokens of the final answer (rows) over the compressed entries
+(columns), the picks circled. Each entry is coloured by the part most of its four tokens are in,
+so a column of circles in the tool-result colour is the answer reading a tool result.
+"""),
+    code("""
+answer_end = int(seg.positions("content")[-1])
+plot.indexer_scores(model, cache, csa[-1], segments=seg, focus=answer_end, max_positions=16, max_entries=64).show()
+"""),
+    md("""
+## 5 · Sink mass per part
+
+`stats.sink_mass_by_segment`: the attention-sink probability (the mass no candidate takes), mean
+over heads and over the query tokens of each part, per layer. Any per-token value averages the
+same way with `stats.per_segment(values, seg)`. On random weights the sink's share is about one
+candidate's: largest in the system prompt, whose queries have the fewest candidates.
+"""),
+    code("""
+def heatmap(table, title, **colours):
+    fig = plot.style.figure(title, height=max(360, 22 * len(table) + 200), xaxis_title=table.columns.name,
+                            yaxis_title=table.index.name)
+    fig.add_heatmap(z=table.to_numpy(), x=[str(c) for c in table.columns], y=[str(i) for i in table.index],
+                    text=table.round(2).astype(str).to_numpy(), texttemplate="%{text}", **colours)
+    fig.update_yaxes(autorange="reversed", type="category")
+    return fig
+
+order = stats.token_groups(seg)[0]  # the parts in conversation order
+sink = stats.sink_mass_by_segment(model, cache, seg)
+heatmap(sink.pivot(index="layer", columns="segment", values="sink_mass")[order],
+        "Sink mass per layer and part", colorscale="Viridis").show()
+"""),
+    md("""
+## 6 · Where the indexer's picks land
+
+`stats.indexer_picks_by_segment`: for each CSA layer and each part the queries are in, the share of
+their picks (compressed entries) that falls in each part. `baseline` is what picking uniformly
+among the entries a query can see would give — the share a part's size and position explain. Only
+queries that see more entries than the indexer keeps are a real choice (`selective`); before that
+the picks are every visible entry and `share = baseline`.
+
+`field` can be a function of a span: here the tool results are told apart by tool, so we can ask
+which result the final answer reads.
+"""),
+    code("""
+def part_or_tool(span):
+    return f"result: {span.tool}" if span.part == "tool_result" else span.part
+
+picks = stats.indexer_picks_by_segment(model, cache, seg, field=part_or_tool)
+answer = picks[picks["query"] == "content"]  # the final answer's tokens as queries
+print(f"{answer.queries.iloc[0]} answer tokens, {answer.selective.iloc[0]} of them choosing")
+pooled = answer.groupby("segment", sort=False)[["share", "baseline"]].mean()  # mean over the CSA layers
+fig = plot.style.figure("What the final answer's indexer picks (mean over CSA layers)", xaxis_title="picked part",
+                        yaxis_title="share of picks", barmode="group")
+fig.add_bar(x=pooled.index, y=pooled.share, name="picks")
+fig.add_bar(x=pooled.index, y=pooled.baseline, name="uniform among visible entries")
+fig.show()
+"""),
+    md("""
+On random weights the picks follow the baseline: the tool results take most of them because they
+are most of the context, not because the answer reads them (on mini-3b within about 0.02 per part
+and layer; tiny's top-3 indexer is noisier). Per layer, the picks' share minus the baseline —
+positive where the indexer reads a part more than its size and position explain. In a trained
+model this table is where retrieval from one tool result, from the question or from the model's
+own reasoning would show.
+"""),
+    code("""
+excess = answer.assign(excess=answer.share - answer.baseline)
+groups = stats.token_groups(seg, part_or_tool)[0]
+heatmap(excess.pivot(index="layer", columns="segment", values="excess")[groups],
+        "Final answer's picks: share minus baseline", colorscale="RdBu_r", zmid=0).show()
+"""),
+    md("""
+## 7 · Expert load per part
+
+`stats.expert_load_by_segment`: per layer and part, how many of the part's tokens each expert
+takes (`frac`: a share of the part's assignments; `lift`: that share over the expert's share of
+the whole conversation). One learned layer as a part × expert table:
+"""),
+    code("""
+load = stats.expert_load_by_segment(model, cache, seg)
+heatmap(load[load.layer == learned].pivot(index="segment", columns="expert", values="frac").loc[order],
+        f"Expert share per part · layer {learned}", colorscale="Viridis").show()
+"""),
+    md("""
+How far each part's expert mix is from the conversation's, per layer (total-variation distance,
+0 = the same mix, 1 = disjoint experts). On random weights it mostly tracks a part's size: n tokens
+make only n·k assignments, so the small parts (the system prompt, tool names, the reply openings)
+differ by chance and the 647 tool-result tokens sit closest to the mix. On the hash layers, which
+route by token id (`tid2eid`), a part made of the same few tokens again and again (the five
+`<｜Assistant｜><think>` openings) lands on the same experts. A trained model's specialisation shows
+as distances well above those of a part of the same size here.
+"""),
+    code("""
+load["overall"] = (load.frac / load.lift).fillna(0)  # the expert's share over the whole conversation
+tv = load.assign(gap=(load.frac - load.overall).abs()).groupby(["layer", "segment"], sort=False).gap.sum() / 2
+heatmap(tv.unstack()[order], "Expert mix of each part vs the conversation (total variation)",
+        colorscale="Viridis", zmin=0, zmax=1).show()
+"""),
+    md("""
+## 8 · Selecting positions by segment
+
+`seg.positions(...)` is a `pos_slice`: cache the streams at every tool-result token, and nothing
+else, in one line (`stop_at_layer=2` runs blocks 0 and 1 only). For many transcripts,
+`v4lens.activations.collect` stores the same positions on disk, one mask per row (the segments' ids
+already start with BOS: rows are used as given).
+"""),
+    code("""
+_, at_results = model.run_with_cache(seg.tokens(), pos_slice=seg.positions("tool_result"),
+                                     names_filter=lambda n: n.endswith("hook_streams_post"), stop_at_layer=2)
+print(at_results["blocks.1.hook_streams_post"].shape, "= [batch, tool-result tokens, streams, d_model]")
+"""),
+    code("""
+import v4lens.activations as acts
+
+OUT = Path(os.environ.get("V4LENS_NOTEBOOK_OUT", "figures"))  # the tests point this at a temporary folder
+store = acts.collect(model, [seg.ids], ["blocks.1.hook_streams_post"], OUT / "acts_tool_results",
+                     positions=[seg.mask("tool_result")], overwrite=True, progress=False)
+rows = next(iter(torch.utils.data.DataLoader(store, batch_size=len(store))))
+norms = rows["blocks.1.hook_streams_post"].float().norm(dim=-1).mean(-1)  # [tool-result tokens]
+print(len(store), "positions stored; mean stream norm after block 1, per tool:")
+stats.per_segment(norms, seg, "tool", positions=rows["position"]).dropna()
+"""),
+    md("""
+The same code runs on a trained checkpoint. What to look for there: answer tokens whose picks
+exceed the baseline on one tool result (the one the answer quotes), thinking tokens reading the
+question, experts whose lift on tool results or on the DSML markup stands out on learned layers
+— and, with `v4lens.patching`, whether removing those picks (`force_indexer_picks`) or those
+experts (`v4lens.experts.forbid_expert_hooks`) changes the answer.
+"""),
+]
+
+
 NOTEBOOKS = {
     "01_quickstart": NB01,
     "02_routing": NB02,
@@ -1498,6 +1800,7 @@ NOTEBOOKS = {
     "07_mini3b_at_scale": NB07,
     "08_dspark_drafter": NB08,
     "09_probing_and_saes": NB09,
+    "10_agentic_transcripts": NB10,
 }
 
 

@@ -6,7 +6,8 @@ writes go to a temporary folder (`$V4LENS_NOTEBOOK_OUT`), never into the reposit
 
 Times on this project's 2-core machine (with another job on the cores): 01 ≈ 10–20 s, 02–04 ≈ 5–8 s
 each, 06 ≈ 14 s (it exports PNGs through Chromium when one exists), and the heavy one, 07 (mini-3b:
-3.2B parameters in bf16, a 2,048-token forward, ~10 GB peak RAM) ≈ 50–90 s; 08 (DSpark) ≈ 20 s, 09 (probes and an SAE) ≈ 30 s. CI runs 07 too; it is
+3.2B parameters in bf16, a 2,048-token forward, ~10 GB peak RAM) ≈ 50–90 s; 08 (DSpark) ≈ 20 s, 09 (probes and an SAE) ≈ 30 s,
+10 (an agentic transcript; run here on `tiny` through `V4LENS_NOTEBOOK_MODEL`, its default is mini-3b) ≈ 15 s. CI runs 07 too; it is
 skipped (with a reason) only where less than 12 GB of memory is free. Deselect it locally with
 `pytest tests/test_notebooks.py -k "not mini3b"`.
 """
@@ -50,7 +51,7 @@ def _param(path: Path):
 def test_there_are_notebooks():
     names = {p.stem for p in NOTEBOOKS}
     for expected in ("01_quickstart", "02_routing", "03_mhc", "04_sparse_attention", "06_exporting_figures",
-                     "07_mini3b_at_scale", "08_dspark_drafter"):  # fmt: skip
+                     "07_mini3b_at_scale", "08_dspark_drafter", "10_agentic_transcripts"):  # fmt: skip
         assert expected in names
 
 
@@ -77,6 +78,7 @@ def test_generator_in_sync():
 def test_notebook_executes(path, tmp_path):
     nb = nbformat.read(path, as_version=4)
     env = {**os.environ, "V4LENS_NOTEBOOK_OUT": str(tmp_path), "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    env.setdefault("V4LENS_NOTEBOOK_MODEL", "tiny")  # 10 defaults to mini-3b; export this to test that
     if "mini3b" not in path.stem:
         # the tiny-model notebooks are per-op overhead: one intra-op thread is faster on a busy machine
         env["OMP_NUM_THREADS"] = "1"

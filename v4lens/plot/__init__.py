@@ -11,6 +11,10 @@ in one style (`v4lens.plot.style`), with token strings in hover text and long in
 - analysis results: `logit_lens_table`, `attribution_bars`, `patching_heatmap`
 - the DSpark drafter: `draft_attention`, `draft_calibration_plot`, `draft_sources_bars`
 - export: `save(fig, "x.html" | "x.png" | ...)`, `export_session()`
+
+The figures with a token axis (`router_heatmap`, `indexer_scores`, `compressed_entries`,
+`attention_pattern`, `patching_heatmap`) take `segments=v4lens.chat.segments(...)` of the prompt and
+colour its token labels by part (or `segment_field="role"`, `"turn"`, ...), with a legend.
 """
 
 from . import style

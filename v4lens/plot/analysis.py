@@ -174,7 +174,7 @@ def _patching_values(result) -> tuple[torch.Tensor, float | None]:
 
 def patching_heatmap(result, model=None, tokens=None, x: str = "pos", title: str | None = None,
                      baseline: float | None = None, batch: int = 0, max_positions: int = style.MAX_POSITIONS,
-                     focus: int | None = None) -> go.Figure:  # fmt: skip
+                     focus: int | None = None, segments=None, segment_field="part") -> go.Figure:  # fmt: skip
     """Heatmap of an activation-patching result: y = layers, x = positions or heads.
 
     result: a [layer, pos] / [layer, head] (or [layer]) tensor from `v4lens.patching`, or a
@@ -182,7 +182,8 @@ def patching_heatmap(result, model=None, tokens=None, x: str = "pos", title: str
     columns with `tokens` ("pos·token"; needs `model` for the text), "head" with "h0" …, other
     axes by index. Colours diverge around `baseline` (default: the result's own baseline, else 0);
     NaN cells (layers without the mechanism) stay blank. More than max_positions positions are
-    windowed, ending at `focus` (default: the last).
+    windowed, ending at `focus` (default: the last). segments: `v4lens.chat.segments(...)` of the
+    prompt colours the position labels by `segment_field` ("part", "role", ...), with a legend.
 
         fig = patching_heatmap(get_act_patch_attn_out(model, corrupted, clean_cache, metric), model, tokens)
     """
@@ -215,4 +216,8 @@ def patching_heatmap(result, model=None, tokens=None, x: str = "pos", title: str
     )  # fmt: skip
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", tickangle=-45 if x == "pos" else 0)
+    if segments is not None:
+        if x != "pos":
+            raise ValueError(f"patching_heatmap: segments colour a position axis; this one is x={x!r}")
+        style.mark_segments(fig, segments, "x", xlabels, cols, segment_field, n_tokens=N)
     return fig

@@ -24,7 +24,7 @@ from .retrieval import MAX_ENTRIES, entry_labels, keep_columns, layer_info, one_
 def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0, positions=None,
                       max_positions: int = style.MAX_POSITIONS, focus: int | None = None,
                       max_entries: int = MAX_ENTRIES, cell_text: bool | None = None,
-                      space: str = "candidates") -> go.Figure:  # fmt: skip
+                      space: str = "candidates", segments=None, segment_field="part") -> go.Figure:  # fmt: skip
     """One head's attention over each query's candidates: window tokens, compressed entries, sink.
 
     Heatmap: y = query positions ("pos·token", first at the top); x = candidate columns in three
@@ -45,8 +45,13 @@ def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0
     blank). More than max_entries token columns: the largest are kept, the rest summed into
     "other tokens".
 
+    segments: `v4lens.chat.segments(...)` of the prompt colours the token labels (the queries, and
+    the source tokens with space="tokens") by `segment_field` ("part", "role", "turn", ...), with a
+    legend (`style.mark_segments`).
+
         fig = attention_pattern(model, "The quick brown fox jumps over the lazy dog", layer=1, head=0)
         fig = attention_pattern(model, cache, layer=2, head=0, space="tokens")
+        fig = attention_pattern(model, seg.tokens(), layer=2, head=0, segments=seg)
     """
     plot = "attention_pattern"
     prefix, _, kind, ratio = layer_info(model, layer)
@@ -56,8 +61,12 @@ def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0
     if space not in ("candidates", "tokens"):
         raise ValueError(f"{plot}: space must be 'candidates' or 'tokens', got {space!r}")
     if space == "tokens":
-        return _token_space(model, source, prefix, head % H, batch, positions, max_positions, focus, max_entries,
-                            cell_text)  # fmt: skip
+        fig, xcols, ycols, n_tokens = _token_space(model, source, prefix, head % H, batch, positions, max_positions,
+                                                   focus, max_entries, cell_text)  # fmt: skip
+        if segments is not None:
+            style.mark_segments(fig, segments, "y", *ycols, segment_field, n_tokens)
+            style.mark_segments(fig, segments, "x", *xcols, segment_field, n_tokens)
+        return fig
     names = [f"{prefix}.attn.hook_key_index", f"{prefix}.attn.hook_pattern", f"{prefix}.attn.hook_sink"]
     cache = style.as_cache(model, source, names_filter=names)
     key_index = one_prompt(cache, names[0], batch, plot)  # [p,K]
@@ -118,12 +127,15 @@ def attention_pattern(model, source, layer: int | str, head: int, batch: int = 0
     _group_marks(fig, [("window", 0, W), ("compressed", W, len(xlabels) - 1), ("sink", len(xlabels) - 1, len(xlabels))])
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", tickangle=-45)
+    if segments is not None:
+        style.mark_segments(fig, segments, "y", ylabels, qpos, segment_field, n_tokens=S)
     return fig
 
 
 def _token_space(model, source, prefix: str, head: int, batch: int, positions, max_positions: int,
-                 focus: int | None, max_tokens: int, cell_text: bool | None) -> go.Figure:  # fmt: skip
-    """attention_pattern(space="tokens"): one head's `token_attention` over the source tokens, plus the sink."""
+                 focus: int | None, max_tokens: int, cell_text: bool | None):  # fmt: skip
+    """attention_pattern(space="tokens"): one head's `token_attention` over the source tokens, plus the sink.
+    Returns (the figure, (x labels, their tokens), (y labels, their tokens), the input's token count)."""
     plot = "attention_pattern"
     cache = style.as_cache(model, source, names_filter=token_space.names(model, prefix))
     n_rows = one_prompt(cache, f"{prefix}.attn.hook_key_index", batch, plot).shape[0]
@@ -159,7 +171,8 @@ def _token_space(model, source, prefix: str, head: int, batch: int, positions, m
     _group_marks(fig, [("tokens", 0, len(xlabels) - 1), ("sink", len(xlabels) - 1, len(xlabels))])
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", tickangle=-45)
-    return fig
+    xtokens = list(cols) + [None] * (len(xlabels) - len(cols))  # "other tokens" and "sink" are no token
+    return fig, (xlabels, xtokens), (ylabels, list(qpos)), len(labels)
 
 
 def _group_marks(fig: go.Figure, groups: list[tuple[str, int, int]]) -> None:

@@ -115,7 +115,8 @@ def _height(n_rows: int) -> int:
 # ----------------------------------------------------------------------------- figures
 @torch.no_grad()
 def indexer_scores(model, source, layer: int | str, batch: int = 0, max_positions: int = style.MAX_POSITIONS,
-                   focus: int | None = None, max_entries: int = MAX_ENTRIES) -> go.Figure:  # fmt: skip
+                   focus: int | None = None, max_entries: int = MAX_ENTRIES, segments=None,
+                   segment_field="part") -> go.Figure:  # fmt: skip
     """Lightning Indexer scores of a CSA layer, with its top-k picks marked.
 
     Heatmap: y = query positions ("pos·token", first at the top), x = compressed entries labelled
@@ -124,8 +125,12 @@ def indexer_scores(model, source, layer: int | str, batch: int = 0, max_position
     picks, -1, are not drawn). Hover: query token, entry span and text, score, pick rank. Long
     inputs draw max_positions queries ending at `focus` and at most max_entries entries (the picked
     ones first, then the highest-scoring). Raises ValueError on a sliding or HCA layer.
+    segments: `v4lens.chat.segments(...)` of the prompt colours the queries, and each entry by the
+    segment most of its own window's tokens (w·m … (w+1)·m − 1) are in, by `segment_field`
+    ("part", "role", "turn", ...), with a legend: which parts the picks come from at a glance.
 
         fig = indexer_scores(model, "The quick brown fox jumps over the lazy dog", layer=1)
+        fig = indexer_scores(model, seg.tokens(), layer=2, segments=seg)
     """
     plot = "indexer_scores"
     prefix, _, kind, ratio = layer_info(model, layer)
@@ -171,17 +176,22 @@ def indexer_scores(model, source, layer: int | str, batch: int = 0, max_position
         x=[xlabels[where[w]] for _, w, _ in picked], y=[ylabels[i] for i, _, _ in picked], mode="markers",
         name="picked", marker={"symbol": "circle-open", "size": 9, "color": "white", "line": {"width": 2}},
         hovertext=[f"query {ylabels[i]}<br>picks {elabels[w]} (rank {r + 1})" for i, w, r in picked],
-        hoverinfo="text",
+        hoverinfo="text", showlegend=False,
     )  # fmt: skip
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category", tickangle=-45)
     fig.update_layout(showlegend=False)
+    if segments is not None:
+        S = len(labels)
+        style.mark_segments(fig, segments, "y", ylabels, qpos, segment_field, n_tokens=S)
+        style.mark_segments(fig, segments, "x", xlabels, [(w * ratio, (w + 1) * ratio) for w in cols], segment_field, S)
     return fig
 
 
 @torch.no_grad()
 def compressed_entries(model, source, layer: int | str, batch: int = 0, max_entries: int = MAX_ENTRIES,
-                       focus: int | None = None, indexer: bool = False, reduce: str = "mean") -> go.Figure:  # fmt: skip
+                       focus: int | None = None, indexer: bool = False, reduce: str = "mean", segments=None,
+                       segment_field="part") -> go.Figure:  # fmt: skip
     """Which tokens each compressed entry pools, and with what weights.
 
     Heatmap: y = entries ("w3: 8–15 'tok…'", first at the top), x = the entry's source slots, named
@@ -191,6 +201,8 @@ def compressed_entries(model, source, layer: int | str, batch: int = 0, max_entr
     entry 0). Each cell shows and hovers the slot's token. indexer=True draws the Lightning
     Indexer's own compressor of a CSA layer instead. Long inputs draw max_entries entries ending
     at the one that holds token `focus` (default: the last). Raises ValueError on a sliding layer.
+    segments: `v4lens.chat.segments(...)` of the prompt colours each entry by the segment most of
+    its own window's tokens are in (`segment_field`: "part", "role", ...), with a legend.
 
         fig = compressed_entries(model, cache, layer=2)
     """
@@ -253,4 +265,7 @@ def compressed_entries(model, source, layer: int | str, batch: int = 0, max_entr
     )  # fmt: skip
     fig.update_yaxes(autorange="reversed", type="category")
     fig.update_xaxes(type="category")
+    if segments is not None:
+        style.mark_segments(fig, segments, "y", [elabels[w] for w in entries], [(w * m, (w + 1) * m) for w in entries],
+                            segment_field, n_tokens=S)  # fmt: skip
     return fig

@@ -32,7 +32,7 @@ def _fmt(ids) -> str:
 
 @torch.no_grad()
 def router_heatmap(model, source, layer: int | str, batch: int = 0, max_positions: int = style.MAX_POSITIONS,
-                   focus: int | None = None) -> go.Figure:  # fmt: skip
+                   focus: int | None = None, segments=None, segment_field="part") -> go.Figure:  # fmt: skip
     """Token x expert heatmap of one layer's routing weights, chosen experts marked.
 
     Heatmap: x = routed experts 0..E-1, y = positions (labelled "pos·token", first at the top),
@@ -41,8 +41,11 @@ def router_heatmap(model, source, layer: int | str, batch: int = 0, max_position
     score (`mlp.hook_router_scores`) and, on hash layers, the table route "tid2eid[token] = [..]".
     A scatter of open circles marks every chosen (position, expert) slot. Hash layers say so in
     the title. Long inputs draw `max_positions` positions ending at `focus` (default: the last).
+    segments: `v4lens.chat.segments(...)` of the prompt colours the position labels by
+    `segment_field` ("part", "role", "turn", ...), with a legend (`style.mark_segments`).
 
         fig = router_heatmap(model, "The quick brown fox", layer=0)
+        fig = router_heatmap(model, seg.tokens(), layer=3, segments=seg)
     """
     prefix = style.block_prefix(model, layer)
     cache = style.as_cache(model, source, names_filter=style.hook_filter(*_ROUTER_HOOKS, blocks=[prefix]))
@@ -89,6 +92,9 @@ def router_heatmap(model, source, layer: int | str, batch: int = 0, max_position
     if E <= 64:  # label every expert; plotly's automatic ticks beyond that
         fig.update_xaxes(tickmode="array", tickvals=list(range(E)))
     fig.update_layout(showlegend=False)
+    if segments is not None:
+        fig.update_traces(showlegend=False, selector={"name": "chosen"})
+        style.mark_segments(fig, segments, "y", ylabels, positions, segment_field, n_tokens=len(labels))
     return fig
 
 

@@ -4,7 +4,9 @@
 - `token_labels(model, cache)` gives "pos·token" strings for axes and hover text (a token longer
   than `MAX_TOKEN_CHARS` is cut with "…"; the margins grow to fit the labels: nothing is clipped);
 - `pick_positions(n, max_positions, focus)` chooses which positions to draw when a sequence is
-  long: a window ending at `focus` (default: the last position), never an S×S matrix.
+  long: a window ending at `focus` (default: the last position), never an S×S matrix;
+- `mark_segments(fig, segments, axis, ...)` colours a token axis by the part of a conversation each
+  token belongs to (`v4lens.chat.segments`), with a legend.
 
 Colour conventions: `SEQUENTIAL` for weights and probabilities (0 … 1), `DIVERGING` (centred on 0)
 for signed quantities (logit contributions, patching effects), `CATEGORICAL` for discrete
@@ -26,6 +28,7 @@ CATEGORICAL = [
 ]  # fmt: skip
 MAX_POSITIONS = 128  # default cap on positions drawn along an axis
 MAX_TOKEN_CHARS = 24  # longer token text is cut in labels: a whole line of code would squeeze the plot away
+LEGEND_PX, COLORBAR_PX = 150, 100  # room right of a plot for a segment legend and a colour bar
 FONT = dict(family="Inter, Helvetica, Arial, sans-serif", size=12, color="#222")
 
 pio.templates["v4lens"] = go.layout.Template(
@@ -156,3 +159,80 @@ def printable(text: str) -> str:
     """Control characters shown as their Unicode pictures ("\\x04" -> "␄"): plotly.js refuses to
     draw titles, axis labels and hover text that contain them (byte-level tokens can). Idempotent."""
     return "".join(chr(0x2400 + ord(c)) if ord(c) < 0x20 else "␡" if c == "\x7f" else c for c in text)
+
+
+# ----------------------------------------------------------------------------- token axes coloured by segment
+# Fixed colours for the parts and roles of a conversation (`v4lens.chat.segments`), so every figure of
+# a transcript colours the same part alike; other labels (turns, tools, ...) take CATEGORICAL in turn.
+SEGMENT_COLOURS = {
+    "system": "#4C72B0", "tools": "#64B5CD", "tool_schema": "#3A8FB7", "response_format": "#9FC5D9",
+    "user": "#55A868", "developer": "#2E7D5B", "reminder": "#8172B3", "latest_reminder": "#8172B3", "task": "#5B4A9B",
+    "thinking": "#DA8BC3", "content": "#937860", "assistant": "#937860",
+    "tool_name": "#DD8452", "argument_name": "#B8860B", "argument": "#CCB974",
+    "tool_result": "#C44E52", "tool": "#C44E52",
+    "marker": "#A8A8A8", "opening": "#6E6E6E", "template": "#A8A8A8", "reasoning_effort": "#6E6E6E",
+}  # fmt: skip
+
+
+def segment_labels(segments, field="part", n_tokens: int | None = None) -> list:
+    """One label per token from `segments` (`v4lens.chat.segments(...)`, anything with `labels(field)`,
+    or a list of labels); n_tokens: the axis's token count, which the segments must cover."""
+    from ..analysis.stats.segments import token_labels
+
+    labels = token_labels(segments, field)
+    if n_tokens is not None and len(labels) > n_tokens:
+        raise ValueError(f"segments label {len(labels)} tokens but the figure's input has {n_tokens}: pass the "
+                         "segments of the conversation that was run (model.run_with_cache(seg.tokens()))")  # fmt: skip
+    return labels
+
+
+def segment_colours(labels: list) -> dict:
+    """label -> colour, in order of first appearance (None has no colour)."""
+    out, spare = {}, iter(CATEGORICAL * (1 + len(set(labels)) // len(CATEGORICAL)))
+    for label in labels:
+        if label is not None and label not in out:
+            out[label] = SEGMENT_COLOURS[label] if label in SEGMENT_COLOURS else next(spare)
+    return out
+
+
+def mark_segments(fig: go.Figure, segments, axis: str, categories: list[str], spans: list, field="part",
+                  n_tokens: int | None = None, max_ticks: int | None = None) -> None:  # fmt: skip
+    """Colour the tick labels of a token axis by segment, with a legend of the segments shown.
+
+    axis: "x" or "y" (a category axis); categories: its labels, in order; spans: what each
+    category is — a token position, a (start, stop) span of tokens (it takes the label most of
+    them have: a compressed entry), or None (a column that is no token: "sink", "other ...").
+    The legend lists each segment once, however many axes are marked. max_ticks: at most this many
+    labels (default: one per ~14 pixels of the axis), every k-th when there are more.
+    """
+    labels = segment_labels(segments, field, n_tokens)
+    colours = segment_colours(labels)
+
+    def label_of(span):
+        if span is None:
+            return None
+        a, b = (span, span + 1) if isinstance(span, int) else span
+        inside = [l for l in labels[max(0, a) : b] if l is not None]
+        return max(inside, key=inside.count) if inside else None  # the label most of its tokens have
+
+    marks = [label_of(s) for s in spans]
+    if max_ticks is None:  # the labels' own spacing: plotly thins its automatic ticks likewise
+        width = (fig.layout.width or 900) - LEGEND_PX - COLORBAR_PX - 150
+        size = (fig.layout.height or 520) - 120 if axis == "y" else width
+        max_ticks = max(2, size // 14)
+    step = max(1, -(-len(categories) // max_ticks))
+    shown = [i for i in range(len(categories)) if i % step == 0 or spans[i] is None]  # "sink" etc. always
+    text = [f'<span style="color:{colours[marks[i]]}">{categories[i]}</span>' if marks[i] is not None
+            else categories[i] for i in shown]  # fmt: skip
+    getattr(fig, f"update_{axis}axes")(tickmode="array", tickvals=[categories[i] for i in shown], ticktext=text)
+    listed = {t.name for t in fig.data if t.legendgroup == "segments"}
+    for label in [l for l in colours if l in set(marks) and str(l) not in listed]:  # one entry per segment shown
+        fig.add_scatter(x=[None], y=[None], mode="markers", name=str(label), legendgroup="segments",
+                        legendgrouptitle_text=field if isinstance(field, str) else "segment",
+                        marker={"symbol": "square", "size": 11, "color": colours[label]}, showlegend=True)  # fmt: skip
+    # the legend right of the plot, the colour bar between them: both placed in pixels from the right edge
+    width = fig.layout.width or 900
+    legend = {"xref": "container", "x": 1 - LEGEND_PX / width, "xanchor": "left", "y": 1.0}
+    fig.update_layout(showlegend=True, margin={"r": LEGEND_PX + COLORBAR_PX}, legend=legend)
+    fig.update_traces(colorbar={"xref": "container", "x": 1 - (LEGEND_PX + COLORBAR_PX - 10) / width,
+                                "xanchor": "left"}, selector={"type": "heatmap"})  # fmt: skip

@@ -16,7 +16,9 @@ Token selection: `mask` (bool [b, p] or [p]) and/or `positions` (ints) restrict 
 tokens are counted; both apply when both are given. The cache must keep its batch axis.
 
 Modules: `common` (what each statistic reads, layer and token selection), `routing`, `mhc`,
-`attention` (indexer recall and sink mass).
+`attention` (indexer recall and sink mass), `segments` (any of them per part of a conversation
+labelled by `v4lens.chat.segments`: `per_segment`, and sink mass, indexer picks and expert load per
+segment).
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ from .routing import (
     hash_vs_learned,
     load_balance,
 )  # fmt: skip
+from .segments import (
+    expert_load_by_segment,
+    indexer_picks_by_segment,
+    per_segment,
+    sink_mass_by_segment,
+    token_groups,
+)  # fmt: skip
 
 __all__ = [
     "CombStats",
@@ -56,19 +65,24 @@ __all__ = [
     "comb_stats",
     "distance_to_identity",
     "expert_counts",
+    "expert_load_by_segment",
     "expert_usage",
     "expert_weight_mass",
     "hash_routing",
     "hash_vs_learned",
     "hc_prefixes",
+    "indexer_picks_by_segment",
     "indexer_recall",
     "indexer_recall_summary",
     "load_balance",
     "names_filter",
     "nearest_permutation",
+    "per_segment",
     "sink_mass",
+    "sink_mass_by_segment",
     "sink_mass_frame",
     "sinkhorn_errors",
     "sinkhorn_summary",
+    "token_groups",
     "token_mask",
 ]

@@ -31,6 +31,9 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "indexer_recall_summary": _RECALL,
     "sink_mass": _SINK,
     "sink_mass_frame": _SINK,
+    "sink_mass_by_segment": _SINK,
+    "indexer_picks_by_segment": ("attn.indexer.hook_topk",),
+    "expert_load_by_segment": ("mlp.hook_expert_ids",),
 }
 
 
