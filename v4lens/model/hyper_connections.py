@@ -33,12 +33,29 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
     logits [..., n, n] -> comb [..., n, n]: comb[j, k] is the weight of input stream j in
     output stream k. The last pass normalises columns, so columns sum to 1 (up to eps).
+
+    Without autograd the same operations run in place (no tensor allocated per pass): the same
+    reductions over the same layout, so the result is bit-identical (tests/test_fast_paths.py).
     """
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return _sinkhorn_in_place(logits, iters, eps)
     comb = torch.softmax(logits, dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
         comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
         comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+def _sinkhorn_in_place(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """`sinkhorn`'s operations in the same order, in place on a fresh tensor. [..., n, n] -> [..., n, n]."""
+    comb = torch.softmax(logits, dim=-1).add_(eps)  # a new tensor: ours to overwrite
+    col = comb.sum(dim=-2, keepdim=True).add_(eps)
+    comb.div_(col)
+    row = comb.sum(dim=-1, keepdim=True)
+    for _ in range(iters - 1):
+        comb.div_(torch.sum(comb, dim=-1, keepdim=True, out=row).add_(eps))
+        comb.div_(torch.sum(comb, dim=-2, keepdim=True, out=col).add_(eps))
     return comb
 
 
