@@ -1374,7 +1374,7 @@ from v4lens.tasks import recall_batch, task_accuracy, VALUE_IDS
 
 model = v4lens.load("tiny-recall")
 print(model.cfg.n_layers, "layers,", model.cfg.hc_mult, "streams of", model.cfg.d_model)
-batch = recall_batch(1024, generator=torch.Generator().manual_seed(0))
+batch = recall_batch(512, generator=torch.Generator().manual_seed(0))
 tokens, qpos, answer = batch["tokens"], batch["query_pos"], batch["answer"]
 print(model.to_string(tokens[0]))
 print("accuracy:", task_accuracy(model, batch))
@@ -1399,12 +1399,12 @@ y = answer[full["row"]] - VALUE_IDS.start   # which of the 16 values each row mu
     md("""
 ## 2 · A linear probe per stream
 
-A logistic-regression probe on each stream alone (trained on 768 rows, tested on 256): after block
+A logistic-regression probe on each stream alone (trained on 384 rows, tested on 128): after block
 0 the answer is nowhere (chance is 1/16); after block 1 — the CSA layer whose indexer fetches the
 queried record — every stream carries it.
 """),
     code("""
-def probe_accuracy(x, y, n_train=768, steps=150):
+def probe_accuracy(x, y, n_train=384, steps=150):
     x = (x - x[:n_train].mean(0)) / (x[:n_train].std(0) + 1e-6)
     W = torch.zeros(x.shape[1], 16, requires_grad=True)
     b = torch.zeros(16, requires_grad=True)
@@ -1447,7 +1447,7 @@ torch.manual_seed(0)
 sae, scale = SAE(X.shape[1], 512, X.mean(0)), X.std()
 opt = torch.optim.Adam(sae.parameters(), lr=2e-3)
 with torch.enable_grad():
-    for step in range(300):
+    for step in range(250):
         xb = X[torch.randint(0, len(X), (256,))]
         f = sae.encode(xb)
         loss = (sae.dec(f) - xb).pow(2).mean() / scale**2 + 3e-3 * f.abs().sum(-1).mean() / scale

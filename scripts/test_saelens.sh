@@ -3,8 +3,8 @@
 # TransformerLens line v4lens supports (3.9) in a second venv, .venv-sae. That venv holds only
 # transformer-lens 3.9, sae-lens and what they add; everything else (torch, transformers, ...)
 # comes from .venv through a .pth line, so the set-up is ~60 s and ~0.3 GB, not another full stack.
-# Runs SAELens's own runner on tiny-recall (tests/test_saelens.py) plus the hook, cache and
-# TransformerLens-patching tests on that line. Needs .venv (scripts/setup.sh) first.
+# Runs SAELens's own runner on tiny-recall (tests/test_saelens.py) plus the cache tests on that line
+# (the rest of the suite runs on 4.x; `tl_versions` holds what differs). Needs .venv (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,4 +18,4 @@ if [ ! -x .venv-sae/bin/python ]; then
                   -e "v4lens 0.1.0 requires transformer-lens" || true
 fi
 V4LENS_REQUIRE_SAELENS=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" .venv-sae/bin/python -m pytest -q -p no:cacheprovider \
-    tests/test_saelens.py tests/test_hooks.py tests/test_cache.py tests/test_patching_tl.py
+    tests/test_saelens.py tests/test_cache.py "$@"
