@@ -2,7 +2,8 @@
 
 Every `examples/*.py` runs as a subprocess (`--model tiny`, working directory a temporary folder)
 and must exit 0 and write the files it promises. A new example needs an entry in CASES. The whole
-module takes ≈ 40–60 s on a busy 2-core machine (each run pays ~3 s of `import torch`).
+module takes ≈ 40–60 s on a busy 2-core machine (each run pays ~3 s of `import torch`; the --help
+checks share one interpreter).
 """
 
 from __future__ import annotations
@@ -54,11 +55,34 @@ def test_every_example_has_a_case():
     assert set(EXAMPLES) == set(CASES), "add the new example to CASES in tests/test_examples.py"
 
 
-@pytest.mark.parametrize("name", EXAMPLES)
-def test_help(name, tmp_path):
-    proc = _run([str(EXAMPLES_DIR / f"{name}.py"), "--help"], tmp_path)
+# every example's --help in one interpreter (one import of torch and v4lens, not one per example)
+_HELP_ALL = """
+import contextlib, io, json, os, runpy, sys
+out = {}
+sys.path.insert(0, os.path.dirname(sys.argv[1]))  # as when a script runs: its folder first (examples/_common.py)
+for path in sys.argv[1:]:
+    sys.argv, buf, code = [path, "--help"], io.StringIO(), None
+    try:
+        with contextlib.redirect_stdout(buf):
+            runpy.run_path(path, run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out[path] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+def test_help(tmp_path):
+    paths = [str(EXAMPLES_DIR / f"{name}.py") for name in EXAMPLES]
+    proc = _run(["-c", _HELP_ALL, *paths], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "usage:" in proc.stdout and "--model" in proc.stdout
+    import json
+
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, path in zip(EXAMPLES, paths):
+        code, text = results[path]
+        assert code in (0, None), f"{name} --help exited {code}"
+        assert "usage:" in text and "--model" in text, f"{name} --help printed:\n{text}"
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
