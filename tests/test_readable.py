@@ -46,6 +46,21 @@ def test_a_stale_plotlyjs_beside_the_page_is_replaced(tmp_path):
     assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
 
 
+def test_a_cut_short_plotlyjs_is_rewritten_and_a_foreign_file_is_left_alone(tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    full = get_plotlyjs().encode()
+    (tmp_path / "plotly.min.js").write_bytes(full[:100_000])  # an earlier write that did not finish
+    plot.save(_figure(), tmp_path / "fig.html", include_plotlyjs="directory")
+    assert (tmp_path / "plotly.min.js").read_bytes() == full
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "plotly.min.js").write_text("// my own script")
+    with pytest.raises(FileExistsError, match="not a plotly.js bundle"):
+        plot.save(_figure(), other / "fig.html", include_plotlyjs="directory")
+    assert (other / "plotly.min.js").read_text() == "// my own script"
+
+
 # ---------------------------------------------------------------------- long labels
 class _LongTokens:
     """A stand-in model whose tokenizer decodes every id to a long string."""

@@ -15,6 +15,7 @@ file and raises `ExportError` saying what to install.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def save(fig, path: str | Path, width: int | None = None, height: int | None = N
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
         if include_plotlyjs == "directory":
-            _drop_stale_bundle(path.parent / "plotly.min.js")
+            _ensure_bundle(path.parent / "plotly.min.js")
         plotlyjs = True if include_plotlyjs == "inline" else include_plotlyjs  # plotly's own word for inline
         fig.write_html(path, include_plotlyjs=plotlyjs, full_html=True)
         return path
@@ -77,16 +78,27 @@ def save(fig, path: str | Path, width: int | None = None, height: int | None = N
     return path
 
 
-def _drop_stale_bundle(bundle: Path) -> None:
-    """Remove a plotly.min.js of another plotly.js version: plotly copies its bundle only where none
-    exists, and pages drawn for this version may not render with an older one."""
-    from plotly.offline import get_plotlyjs_version
+def _ensure_bundle(bundle: Path) -> None:
+    """The folder's shared plotly.min.js, complete and of this plotly.js version: written (atomically) when
+    missing, cut short or another version's. plotly writes it only where none exists, so a truncated
+    one would stay; a file of that name that is not a plotly.js bundle is left alone (FileExistsError)."""
+    from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
+    data = get_plotlyjs().encode("utf-8")
     if bundle.is_file():
         with open(bundle, "rb") as f:
             head = f.read(200).decode("utf-8", errors="replace")
-        if f"v{get_plotlyjs_version()}" not in head:
-            bundle.unlink()
+        if f"plotly.js v{get_plotlyjs_version()}\n" in head and bundle.stat().st_size == len(data):
+            return
+        if "plotly.js v" not in head:
+            raise FileExistsError(f"{bundle} is not a plotly.js bundle: not replacing it. Save the page in another "
+                                  "folder, or with include_plotlyjs='inline'")  # fmt: skip
+    tmp = bundle.with_name(f".{bundle.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, bundle)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
