@@ -17,7 +17,7 @@ v4lens. The check passes when the budget run's peak stays under `--budget` plus 
 exit status says which failed.
 
     python benchmarks/bench_budget.py --out benchmarks/results/budget_flash_2_layers.md
-    python benchmarks/bench_budget.py --layers 1 --experts 32 --budget 1GB     # a quick look (~1 min)
+    python benchmarks/bench_budget.py --layers 1 --experts 32 --budget 1.5GB --expert-cache 256MB   # quick (~1 min)
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ for p in (str(REPO), str(HERE)):
 
 def worker(spec: dict) -> None:
     import torch
+    from bench_full_size import _rss  # the same RSS reader as the full-size benchmark
 
     import v4lens
-    from bench_full_size import _rss  # the same RSS reader as the full-size benchmark
 
     torch.set_num_threads(spec["threads"]) if spec["threads"] else None
     before = _rss("VmRSS:")
@@ -87,16 +87,12 @@ def main(argv=None) -> int:
         return 0
 
     import torch
-    from bench_full_size import make_checkpoint
+    from bench_full_size import generated_checkpoint
     from safetensors.torch import load_file
 
     from v4lens.weights.memory import parse_bytes
 
-    ckpt = args.workdir / f"ckpt-L{args.layers}-E{args.experts}-V{args.vocab}"
-    t0 = time.perf_counter()
-    if not (ckpt / "bench.json").exists():
-        (ckpt / "bench.json").write_text(json.dumps(make_checkpoint(ckpt, args.layers, args.experts, args.vocab)))
-    made_s = time.perf_counter() - t0
+    ckpt, _, made_s = generated_checkpoint(args.workdir, args.layers, args.experts, args.vocab)
     on_disk = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
     runs, logits = {}, {}
     for mode in ("budget", "reference"):

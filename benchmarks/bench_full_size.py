@@ -86,6 +86,17 @@ def make_checkpoint(path: Path, layers: int, experts: int, vocab: int, seed: int
     return {"bytes": written, "params": sum(t.numel() for t in model.state_dict().values())}
 
 
+def generated_checkpoint(workdir: Path, layers: int, experts: int, vocab: int) -> tuple[Path, dict, float]:
+    """The generated checkpoint for these sizes under `workdir`, made unless a complete one is there:
+    (its folder, make_checkpoint's info, seconds spent making it). bench.json is written last, so a
+    generation that was interrupted is made again, never reused."""
+    ckpt = workdir / f"ckpt-L{layers}-E{experts}-V{vocab}"
+    t0 = time.perf_counter()
+    if not (ckpt / "bench.json").exists():
+        (ckpt / "bench.json").write_text(json.dumps(make_checkpoint(ckpt, layers, experts, vocab)))
+    return ckpt, json.loads((ckpt / "bench.json").read_text()), time.perf_counter() - t0
+
+
 # ---------------------------------------------------------------------- one mode, in its own process
 def _rss(field: str) -> int:
     with open("/proc/self/status") as status:
@@ -169,13 +180,7 @@ def main(argv=None) -> int:
     from v4lens.model.presets import preset
     from v4lens.weights.placement import plan_placement, weight_bytes
 
-    ckpt = args.workdir / f"ckpt-L{args.layers}-E{args.experts}-V{args.vocab}"
-    t0 = time.perf_counter()
-    if not (ckpt / "config.json").exists():
-        info = make_checkpoint(ckpt, args.layers, args.experts, args.vocab)
-        (ckpt / "bench.json").write_text(json.dumps(info))
-    info = json.loads((ckpt / "bench.json").read_text())
-    made_s = time.perf_counter() - t0
+    ckpt, info, made_s = generated_checkpoint(args.workdir, args.layers, args.experts, args.vocab)
     results = {}
     for mode in args.modes.split(","):
         offload = args.workdir / "offload"
