@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ..model.fingerprint import identity_mismatch
+from ..weights.atomic import fsync
 from ..weights.safetensors_io import DTYPES, read_header, write_file
 
 FORMAT = "v4lens-activations"
@@ -71,17 +72,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_folder(path.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a folder
-        pass
-    finally:
-        os.close(fd)
+    fsync(path.parent)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:
@@ -96,8 +87,7 @@ def write_shard(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> No
     order = sorted(tensors.items(), key=lambda kv: -kv[1].element_size())
     try:
         write_file(tmp, order, metadata={"format": FORMAT})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync(tmp)
         os.replace(tmp, folder / name)
     finally:
         tmp.unlink(missing_ok=True)

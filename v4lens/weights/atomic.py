@@ -146,8 +146,8 @@ def _commit(path: Path, tmp: Path, replace: set[str]) -> None:
     new = sorted(p.name for p in tmp.iterdir())
     (tmp / MANIFEST).write_text(json.dumps({"written_by": "v4lens", "files": new}, indent=1) + "\n")
     for name in new + [MANIFEST]:
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync(tmp / name)
+    fsync(tmp)
     names = {e.name for e in os.scandir(path)}
     away = sorted((replace | set(new) | {MANIFEST}) & names, key=lambda n: (n != MANIFEST, n != "config.json", n))
     into = sorted(new, key=lambda n: (n == "config.json", n)) + [MANIFEST]
@@ -161,7 +161,7 @@ def _commit(path: Path, tmp: Path, replace: set[str]) -> None:
         for name in into:  # config.json and the manifest last: no moment with a config and missing weights
             _move(tmp / name, path / name)
             done.append((tmp / name, path / name))
-        _fsync(path)
+        fsync(path)
     except BaseException as e:
         for src, dst in reversed(done):  # put everything back where it was
             try:
@@ -177,7 +177,7 @@ def _commit(path: Path, tmp: Path, replace: set[str]) -> None:
     tmp.rmdir()
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file's (or a folder's entries') data to disk, so a completed save survives a power cut."""
     try:
         fd = os.open(path, os.O_RDONLY)
