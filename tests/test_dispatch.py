@@ -74,6 +74,16 @@ def test_auto_keeps_the_drafters_heads_on_the_main_device_and_may_move_its_stage
     assert placed.dspark.stages[0].attn.wq_a.is_meta  # read back for its forward only
 
 
+def test_a_folder_holding_files_is_refused_as_offload_folder(tmp_path):
+    """Its files are left as they were, and no stale index.json is taken for the blocks' weights."""
+    folder = tmp_path / "used"
+    folder.mkdir()
+    (folder / "index.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not empty"):
+        v4lens.load("tiny", device_map=_map("tiny"), offload_folder=folder, **SMALL)
+    assert [p.name for p in folder.iterdir()] == ["index.json"] and (folder / "index.json").read_text() == "{}"
+
+
 @pytest.mark.parametrize("change, message", [
     ({"blocks.9": "cpu"}, "not a module"),
     ({"blocks.0": "gpu"}, "not a device"),

@@ -16,7 +16,8 @@ accelerate's `infer_auto_device_map` on per-device budgets (`max_memory={0: "80G
 main modules on the first device, the blocks over what is left in order; "balanced" spreads the blocks
 evenly over the GPUs (accelerate's `get_balanced_memory`) before the CPU and disk.
 
-A checkpoint folder is read straight into its placement (`load_placed`: one module in memory at a time);
+`offload_folder` must be new or empty (a folder holding files is refused: they are not ours to replace,
+and accelerate would take an index.json there as complete). A checkpoint folder is read straight into its placement (`load_placed`: one module in memory at a time);
 a preset, or a model loaded with `keep_quantized=True`, is built in host memory first, then placed
 (`dispatch`); blocks kept quantised cannot go to disk yet.
 """
@@ -79,6 +80,10 @@ def _checked_map(model, device_map, offload_folder, max_memory) -> dict:
     disk = [m for m, d in device_map.items() if d == "disk"]
     if disk and offload_folder is None:
         raise ValueError(f"device_map sends {disk[:3]} to 'disk': give offload_folder= (a directory for their weights)")
+    if disk and Path(offload_folder).is_dir() and any(Path(offload_folder).iterdir()):
+        # its files are not ours to replace, and accelerate would take an index.json there as complete
+        raise ValueError(f"offload_folder {str(offload_folder)!r} is not empty: give a new or empty directory for "
+                         "the weights of the blocks on disk (v4lens does not overwrite or mix in other files)")  # fmt: skip
     return device_map
 
 
