@@ -16,6 +16,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 from transformer_lens.HookedRootModule import HookedRootModule
 
+from .allocator import tune_cpu_allocator
 from .block import Block
 from .config import V4Config
 from .dspark import DSpark, context_vectors, dspark_args, run_dspark
@@ -45,6 +46,7 @@ class HookedV4(TransformerLensMethods, HookedRootModule):
 
     def __init__(self, cfg: V4Config, device=None, tokenizer=None):
         super().__init__()
+        tune_cpu_allocator()  # large CPU temporaries reuse freed memory (v4lens.model.allocator)
         self.cfg = cfg
         D, V = cfg.d_model, cfg.d_vocab
         self.embed = nn.Module()

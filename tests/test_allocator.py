@@ -1,0 +1,67 @@
+"""Building a model lets glibc reuse freed memory for large CPU tensors (v4lens.model.allocator)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from v4lens.model import allocator
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the thresholds are glibc's (Linux)")
+
+# In a fresh process: how many bytes does glibc serve with mmap for a 96 MiB tensor, before and after a
+# model is built? (mallinfo2().hblkhd: bytes in mmap-ed blocks; glibc >= 2.33)
+PROBE = textwrap.dedent(
+    """
+    import ctypes, torch
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    def mmapped_for_a_tensor():
+        before = libc.mallinfo2().hblkhd
+        t = torch.empty(96 << 20, dtype=torch.uint8)
+        grown = libc.mallinfo2().hblkhd - before
+        del t
+        return grown
+    first = mmapped_for_a_tensor()
+    import v4lens
+    v4lens.HookedV4(v4lens.preset("tiny"), device="meta")
+    print(first, mmapped_for_a_tensor(), v4lens.model.allocator.tune_cpu_allocator())
+    """
+)
+
+
+def _probe(env_value: str | None) -> list[str]:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "V4LENS_MALLOC"}
+    if env_value is not None:
+        env["V4LENS_MALLOC"] = env_value
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip().split(maxsplit=2)
+
+
+@glibc
+def test_building_a_model_serves_large_tensors_from_the_heap():
+    before, after, result = _probe(None)
+    assert int(before) >= 96 << 20  # glibc's default: a fresh mapping (page-faulted again on every use)
+    assert int(after) == 0, result  # now from the heap, where freed blocks are reused
+    assert result == str((allocator.MMAP_THRESHOLD, allocator.TRIM_THRESHOLD))
+
+
+@glibc
+def test_v4lens_malloc_default_leaves_glibc_as_it_is():
+    before, after, result = _probe("default")
+    assert int(before) >= 96 << 20 and int(after) >= 96 << 20
+    assert result == "V4LENS_MALLOC=default"
+
+
+def test_a_malformed_setting_is_an_error_naming_the_variable():
+    with pytest.raises(ValueError, match="V4LENS_MALLOC='lots'"):
+        allocator._apply("lots")
