@@ -50,12 +50,22 @@ def _stored(t: torch.Tensor) -> tuple:
 def weights_versions(model) -> tuple:
     """Where each weight lives and how often it was written in place: changes whenever a weight is
     replaced, moved or edited through autograd-visible in-place ops (`p.mul_`, `load_state_dict`)."""
-    # parameters() + buffers() is cheaper than state_dict(); a non-persistent buffer that changes
-    # only costs a recomputed fingerprint (which leaves it out)
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    # a weight made under torch.inference_mode (one accelerate reads back from disk inside a forward there)
-    # has no version counter, and cannot be edited in place outside inference mode anyway
-    return tuple((s.data_ptr(), -1 if s.is_inference() else s._version) for t in tensors for s in _stored(t))
+    # one walk over the modules' own tensor dicts (cheaper than parameters() + buffers(), which is run on
+    # every decoding step); a shared tensor appears once per module holding it, and a non-persistent
+    # buffer that changes only costs a recomputed fingerprint (which leaves it out)
+    versions = []
+    for module in model.modules():
+        for t in itertools.chain(module._parameters.values(), module._buffers.values()):
+            if t is None:
+                continue
+            for s in (t,) if type(t) in _PLAIN else _stored(t):
+                # a weight made under torch.inference_mode (one accelerate reads back from disk inside a
+                # forward there) has no version counter, and cannot be edited in place outside it anyway
+                versions.append((s.data_ptr(), -1 if s.is_inference() else s._version))
+    return tuple(versions)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # no stored_tensors to look up
 
 
 def weights_fingerprint(model) -> str:
@@ -77,14 +87,22 @@ def weights_fingerprint(model) -> str:
 
 def model_identity(model) -> dict:
     """{"config": config_identity, "fingerprint": weights_fingerprint}; the fingerprint is recomputed
-    only when `weights_versions` changed since the last call for this model (the config is read each
-    time: `model.cfg` may be edited too)."""
-    versions, config = weights_versions(model), config_identity(model)
+    only when `weights_versions` changed since the last call for this model, the config only when a
+    field of `model.cfg` changed (it may be edited). Unchanged, the same dict object comes back."""
+    versions, config_key = weights_versions(model), _config_key(model.cfg)
     memo = _memo.get(model)
-    fingerprint = memo[1]["fingerprint"] if memo is not None and memo[0] == versions else weights_fingerprint(model)
-    if memo is None or memo[0] != versions or memo[1]["config"] != config:
-        _memo[model] = (versions, {"config": config, "fingerprint": fingerprint})
-    return _memo[model][1]
+    if memo is not None and memo[0] == versions and memo[1] == config_key:
+        return memo[2]
+    fingerprint = memo[2]["fingerprint"] if memo is not None and memo[0] == versions else weights_fingerprint(model)
+    identity = {"config": config_identity(model), "fingerprint": fingerprint}
+    if memo is not None and memo[2] == identity:
+        identity = memo[2]
+    _memo[model] = (versions, config_key, identity)
+    return identity
+
+
+def _config_key(cfg) -> tuple:
+    return tuple((k, v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in vars(cfg).items())
 
 
 def identity_mismatch(recorded: dict, model) -> str | None:

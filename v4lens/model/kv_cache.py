@@ -158,6 +158,8 @@ class V4KVCache:
         if self.length == 0 or self.model_identity is None:  # an empty cache: any model may start it
             self.model_identity = identity
             return
+        if identity is self.model_identity:  # the usual step: the memoised identity of the model that filled it
+            return
         problem = identity_mismatch(self.model_identity, model)
         if problem is not None:
             raise ValueError(
