@@ -33,6 +33,12 @@ out of N, and the length of the common prefix (after a first difference the two 
 continue from different contexts, so later mismatches are expected). In fp32 they should be
 identical; in bf16 near-ties of random-init logits can flip.
 
+Roofline (benchmarks/roofline.py): a separate worker, with the model workers' threads, measures
+this machine's read bandwidth (`.sum()` of a 1 GiB bf16 tensor); each v4lens row then reports
+the share of that bound a decode step reaches: (bytes per step ÷ bandwidth) ÷ (seconds per step),
+with `roofline.decode_bytes_per_step(cfg, prompt length)`: the weights one token reads (the
+k activated + 1 shared experts, not all of them) and the decoding cache it reads.
+
 On `--device cuda` a separate worker first checks CUDA against CPU logits on the same weights
 (bench_forward.py's check, `--check-len` tokens; tolerances justified there).
 
@@ -69,6 +75,9 @@ def run_worker(spec: dict) -> None:
 
     if spec["job"] == "device-check":
         bf.device_check_worker(spec)
+        return
+    if spec["job"] == "roofline":
+        bf.roofline_worker(spec)
         return
     job, n_new = spec["job"], spec["new_tokens"]
     # the same prompt in every worker (and the same tokens as bench_forward.py for the same seed)
@@ -138,6 +147,8 @@ def build_jobs(args) -> list[dict]:
     }  # fmt: skip
     if args.device_check:  # first: a broken CUDA path should show before the long runs
         jobs.append(dict(common, job="device-check", dtype="fp32+bf16", length=args.check_len))
+    # the hardware limit the v4lens rows are compared with (the probe tensor is bf16 whatever the model dtype)
+    jobs.append(dict(common, job="roofline", measure="bandwidth", dtype="bf16", length=0))
     for dtype in args.dtypes:
         for length in args.prompt_lengths:
             base = dict(common, dtype=dtype, length=length)
@@ -191,6 +202,28 @@ def _match_cell(m):
     return f"{m['same']}/{m['total']} (same first {m['prefix']})"
 
 
+def decode_bytes(args, cfg) -> dict[str, dict[str, float]]:
+    """{dtype: {prompt length: bytes a decode step must read}} (the first step's context: the prompt)."""
+    import roofline
+
+    size = {"bf16": 2, "bfloat16": 2, "fp32": 4, "float32": 4}
+    return {
+        d: {str(n): roofline.decode_bytes_per_step(cfg, n, size[d], batch=args.batch) for n in args.prompt_lengths}
+        for d in args.dtypes
+    }
+
+
+def _bandwidth_cell(report, dtype, n, s):
+    """(bytes per step ÷ bandwidth) ÷ measured seconds per decode step, in per cent."""
+    bandwidth = ((report.get("roofline") or {}).get("bandwidth") or {}).get("value")
+    nbytes = (report.get("decode_bytes") or {}).get(dtype, {}).get(str(n))
+    seconds = (s or {}).get("decode_s")
+    if not (bandwidth and nbytes and seconds and seconds > 0):
+        return "—"
+    per_step = seconds / (report["args"]["new_tokens"] - 1)
+    return bf.fmt_pct(nbytes / bandwidth / per_step)
+
+
 def _decode_cell(s, what):
     if s is None:
         return "—"
@@ -215,12 +248,17 @@ def render(report: dict) -> str:
         f"`generate(do_sample=False, min_new_tokens={n_new}, use_cache=True)`, eager attention"
     )
     L = bf.header_lines(report, "Decode benchmark", protocol)
+    L[-1:-1] = bf.roofline_lines(report, "decode") + [
+        f"- bytes a decode step must read at least ({dtype}; `roofline.decode_bytes_per_step`: weights one token uses "
+        "+ the cache it reads): " + ", ".join(f"prompt {n}: {b / 2**20:.3g} MiB" for n, b in per_len.items())
+        for dtype, per_len in (report.get("decode_bytes") or {}).items()
+    ]  # before the header's closing blank line
     for dtype in args["dtypes"]:
         L.append(f"## {dtype}\n")
         title = "v4lens vs transformers" if args["hf"] else "v4lens (transformers skipped)"
         L.append(f"### {title} (greedy, {n_new} new tokens)\n")
         cols = ["prompt len", "v4lens prefill (s)", f"v4lens total, {n_new} tok (s)", "v4lens decode tok/s",
-                "v4lens peak mem"]  # fmt: skip
+                "v4lens % of bandwidth bound", "v4lens peak mem"]  # fmt: skip
         if args["hf"]:
             cols += ["HF prefill (s)", f"HF total, {n_new} tok (s)", "HF decode tok/s", "HF peak mem",
                      "decode speed-up (v4lens ÷ HF tok/s)", "same greedy tokens (v4lens vs HF)"]  # fmt: skip
@@ -228,7 +266,8 @@ def render(report: dict) -> str:
         for n in args["prompt_lengths"]:
             row = S[f"{dtype}/{n}"]
             v4, hf = row.get("v4lens"), row.get("hf")
-            cells = [str(n)] + [_decode_cell(v4, w) for w in ("prefill", "total", "rate", "peak")]
+            cells = [str(n)] + [_decode_cell(v4, w) for w in ("prefill", "total", "rate")]
+            cells += [_bandwidth_cell(report, dtype, n, v4), _decode_cell(v4, "peak")]
             if args["hf"]:
                 cells += [_decode_cell(hf, w) for w in ("prefill", "total", "rate", "peak")]
                 cells.append(bf._ratio_cell((v4 or {}).get("decode_rate"), (hf or {}).get("decode_rate")))
@@ -333,7 +372,9 @@ def main(argv=None) -> int:
             "hf": token_match(v4, (row.get("hf") or {}).get("tokens"), args.new_tokens),
             "spec": token_match(v4, (row.get("v4lens-spec") or {}).get("tokens"), args.new_tokens),
         }
-    report = bf.base_report(args, cfg, results, summary, device_check, t_start) | {"matches": matches}
+    report = bf.base_report(args, cfg, results, summary, device_check, t_start) | {
+        "matches": matches, "roofline": bf.roofline_results(results), "decode_bytes": decode_bytes(args, cfg),
+    }  # fmt: skip
     return bf.publish(render(report), report, args, log)
 
 

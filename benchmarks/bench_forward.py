@@ -22,6 +22,11 @@ Reported per dtype and sequence length:
   `nn.Module.__call__` runs). Each worker first checks that stripping is exact (bit-identical
   logits) and really bypasses hooks (a hook on every point fires when idle, never when stripped).
 
+Roofline (benchmarks/roofline.py): a separate worker per dtype, with the model workers'
+threads, measures this machine's matmul ceiling (FLOP/s of a 4096³ GEMM in that dtype); each
+v4lens row then reports tokens/s ÷ (ceiling ÷ matmul FLOPs per token), the share of the
+ceiling the forward reaches (`roofline.forward_flops_per_token`: matmuls only, see there).
+
 `--scaling` measures peak memory against sequence length (default: mini-3b cut to 4 layers,
 bf16, 1k-8k) for v4lens and transformers, and reports the growth exponent and the
 v4lens/transformers memory ratio at the longest length.
@@ -436,11 +441,44 @@ def logits_parity(model, hf, warm) -> dict:
     }
 
 
+def roofline_worker(spec: dict) -> None:
+    """Measure one hardware limit with the model workers' threads, in a process of its own:
+    spec["measure"] "matmul" (FLOP/s of a GEMM in spec["dtype"]) or "bandwidth" (bytes/s read)."""
+    import roofline
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    if spec["measure"] == "matmul":
+        value = roofline.matmul_ceiling(spec["dtype"], spec["device"], threads=spec["threads"])
+    else:
+        value = roofline.read_bandwidth(spec["device"], threads=spec["threads"])
+    _emit("roofline", measure=spec["measure"], value=value, threads=torch.get_num_threads())
+    _emit("done")
+
+
+def roofline_results(results: list[dict]) -> dict:
+    """{dtype (matmul ceiling) or "bandwidth": {"status", "value" (None if it failed), "threads", "why"}}."""
+    out = {}
+    for r in results:
+        spec = r["spec"]
+        if spec["job"] != "roofline":
+            continue
+        ev = next((e for e in r["events"] if e["kind"] == "roofline"), None)
+        key = spec["dtype"] if spec["measure"] == "matmul" else "bandwidth"
+        last = next((x.strip() for x in reversed(r.get("stderr_tail") or []) if x.strip()), "")
+        out[key] = {"status": r["status"], "value": ev["value"] if ev else None,
+                    "threads": ev["threads"] if ev else spec["threads"], "why": last[:300]}  # fmt: skip
+    return out
+
+
 def run_worker(spec: dict) -> None:
     import torch
 
     if spec["job"] == "device-check":
         device_check_worker(spec)
+        return
+    if spec["job"] == "roofline":
+        roofline_worker(spec)
         return
     job = spec["job"]
     w = worker_setup(spec)
@@ -739,6 +777,8 @@ def build_jobs(args) -> list[dict]:
     }  # fmt: skip
     if args.device_check:  # first: a broken CUDA path should show before the long runs
         jobs.append(dict(common, job="device-check", dtype="fp32+bf16", length=args.check_len))
+    if not args.scaling:  # the hardware limit the v4lens rows are compared with: one worker per dtype
+        jobs += [dict(common, job="roofline", measure="matmul", dtype=dtype, length=0) for dtype in args.dtypes]
     for dtype in args.dtypes:
         for length in args.lengths:
             base = dict(common, dtype=dtype, length=length)
@@ -826,6 +866,12 @@ def fmt_bytes(b):
     return f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.0f} MiB" if b >= 2**20 else f"{b / 2**10:.0f} KiB"
 
 
+def fmt_pct(fraction):
+    """A share as per cent: one decimal, two significant digits below 1 % (tiny models reach 0.05 %)."""
+    pct = 100 * fraction
+    return f"{pct:.1f} %" if pct >= 1 else f"{pct:.2g} %"
+
+
 def fmt_ratio(r, prefix=""):
     return "—" if r is None else f"{prefix}{r:.2f}×"
 
@@ -884,6 +930,48 @@ def _compare_columns():
          lambda n, r, t: _ratio_cell(_get(v4(r), "forward", "peak_bytes"), _get(hf(r), "forward", "peak_bytes"),
                                      (hf(r) or {}).get("peak_lower_bound")), True),
     ]  # fmt: skip
+
+
+def _ceiling_column(report: dict, dtype: str, title: str | None = None):
+    """The v4lens rows' share of the matmul ceiling: (tokens/s) ÷ (ceiling ÷ FLOPs per token)."""
+    ceiling = ((report.get("roofline") or {}).get(dtype) or {}).get("value")
+    flops = report.get("forward_flops") or {}
+
+    def cell(n, r, tokens):
+        seconds, per_token = _get(r.get("v4lens"), "forward", "time_s"), flops.get(str(n))
+        if not (ceiling and seconds and per_token):
+            return "—"
+        return fmt_pct(tokens / seconds * per_token / ceiling)
+
+    return (title or f"v4lens % of {dtype} matmul ceiling", cell, False)
+
+
+def roofline_lines(report: dict, kind: str) -> list[str]:
+    """Header bullets: the measured limit(s) and the work per token / step they are compared with."""
+    roof = report.get("roofline") or {}
+    out = []
+    for key, r in roof.items():
+        threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+        if r["value"] is None:
+            out.append(f"- roofline: the {key} measurement **{r['status']}**{': ' + r['why'] if r['why'] else ''}")
+        elif key == "bandwidth":
+            out.append(
+                f"- roofline: read bandwidth {r['value'] / 1e9:.1f} GB/s (`.sum()` of a 1 GiB bf16 tensor, best of 3, "
+                f"{threads}, own worker; benchmarks/roofline.py)"
+            )
+        else:
+            out.append(
+                f"- roofline: {key} matmul ceiling {r['value'] / 1e12:.3g} TFLOP/s ({key} 4096³ GEMM, best of 3, "
+                f"{threads}, own worker; benchmarks/roofline.py)"
+            )
+    if kind == "forward" and report.get("forward_flops"):
+        out.append(
+            "- matmul work per token (`roofline.forward_flops_per_token`: GEMMs only, visible candidates only): "
+            + ", ".join(
+                f"{len_label(int(n), report['args'])}: {f / 1e9:.3g} GFLOP" for n, f in report["forward_flops"].items()
+            )
+        )
+    return out
 
 
 def _hook_columns():
@@ -957,6 +1045,7 @@ def render(report: dict) -> str:
         f"minus the memory just before the run (after load + warm-up); transformers with `use_cache=False`, eager attention"
     )
     L = header_lines(report, title, protocol)
+    L[-1:-1] = roofline_lines(report, "forward")  # before the header's closing blank line
 
     S = report["summary"]  # (dtype, length) -> {"v4lens": .., "hf": .., "v4lens-cache": ..}
     if args["scaling"]:
@@ -972,7 +1061,9 @@ def render(report: dict) -> str:
                 how += "; chunked rows: v4lens last-position logits only"
             L.append(f"### {title} ({how})\n")
             label = lambda n: len_label(n, args)
-            L += _table([c for c in _compare_columns() if args["hf"] or not c[2]], rows, label)
+            cols = [c for c in _compare_columns() if args["hf"] or not c[2]]
+            cols.insert(2, _ceiling_column(report, dtype))  # after v4lens tok/s
+            L += _table(cols, rows, label)
             if args["cache"] or args["stripped"]:
                 L.append("### v4lens hook overhead\n")
                 L += _table(
@@ -1003,12 +1094,15 @@ def render_summary(report) -> list[str]:
         cols += [c for c in hooks if c[0] == "cache ÷ forward"]
     if args["stripped"]:
         cols += [c for c in hooks if c[0] == "idle ÷ stripped"]
-    L = ["## Summary\n", "| dtype | " + _table(cols, [])[0].removeprefix("| ")]
-    L.append("|---|" + _table(cols, [])[1].removeprefix("|"))
+    at = 1  # the share of the matmul ceiling goes after v4lens tok/s; its ceiling is the row's dtype's
+    header = cols[:at] + [_ceiling_column(report, "", "v4lens % of matmul ceiling")] + cols[at:]
+    L = ["## Summary\n", "| dtype | " + _table(header, [])[0].removeprefix("| ")]
+    L.append("|---|" + _table(header, [])[1].removeprefix("|"))
     for dtype in args["dtypes"]:
+        dtype_cols = cols[:at] + [_ceiling_column(report, dtype)] + cols[at:]
         for n in args["lengths"]:
             row, tok = S[f"{dtype}/{n}"], n * args["batch"]
-            L.append(f"| {dtype} | {len_label(n, args)} | " + " | ".join(c[1](n, row, tok) for c in cols) + " |")
+            L.append(f"| {dtype} | {len_label(n, args)} | " + " | ".join(c[1](n, row, tok) for c in dtype_cols) + " |")
     return L + [""]
 
 
@@ -1277,7 +1371,22 @@ def main(argv=None) -> int:
     results = run_jobs(jobs, args, log)
     summary, device_check = summarise_jobs(results, lambda r: summarise(r, args.max_rss_gb))
     report = base_report(args, cfg, results, summary, device_check, t_start)
+    if not args.scaling:
+        report["roofline"] = roofline_results(results)
+        report["forward_flops"] = forward_flops(args, cfg)
     return publish(render(report), report, args, log)
+
+
+def forward_flops(args, cfg) -> dict[str, float]:
+    """{length: matmul FLOPs per token of its v4lens row}; a chunked prefill computes logits for
+    each chunk's last position only."""
+    import roofline
+
+    out = {}
+    for n in args.lengths:
+        chunk = chunk_of(n, args.chunk_len, args.chunk_above)
+        out[str(n)] = roofline.forward_flops_per_token(cfg, n, -(-n // chunk) if chunk else None)
+    return out
 
 
 # ============================================================================ shared with bench_decode.py
@@ -1311,6 +1420,8 @@ def summarise_jobs(results: list[dict], summarise_one) -> tuple[dict, dict | Non
         s = r["spec"]
         if s["job"] == "device-check":
             device_check = device_check_summary(r)
+            continue
+        if s["job"] == "roofline":  # roofline_results reads these
             continue
         summary.setdefault(f"{s['dtype']}/{s['length']}", {})[s["job"]] = summarise_one(r)
     return summary, device_check
