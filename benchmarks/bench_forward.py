@@ -234,7 +234,7 @@ def check_stripping(model, tokens) -> dict:
         "hook_calls_with_hooks": fired_idle,
         "distinct_hook_points_fired": distinct_idle,
         "hook_calls_while_stripped": fired_stripped,
-        "restored": all(type(m).__name__ == "HookPoint" for m in s.points) and remaining == 0,
+        "restored": all(type(m) is cls for m, cls in s.saved) and remaining == 0,  # (v4lens's are CheckedHookPoint)
     }
     out["ok"] = out["logits_bit_identical"] and fired_idle > 0 and fired_stripped == 0 and out["restored"]
     return out
