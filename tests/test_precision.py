@@ -220,4 +220,8 @@ def test_bf16_head_gives_fp32_logits_of_the_bf16_values():
         assert float((got.double() - exact[rows]).abs().max() / exact.abs().max()) < 1e-6  # bf16 output: ~4e-3
     one = fp32_logits(h[3].view(1, 1, -1), weight, chunk=1024)
     assert one.shape == (1, 1, 5000) and torch.allclose(one.double().view(-1), exact[3], rtol=0, atol=1e-5)
+    # with autograd (attribution patching at one position): the gradient reaches h
+    h1 = h[3].view(1, 1, -1).float().requires_grad_()
+    fp32_logits(h1, weight, chunk=1024)[..., 7].sum().backward()
+    torch.testing.assert_close(h1.grad.view(-1), weight[7].float())
     assert torch.backends.mkldnn.matmul.fp32_precision == before
