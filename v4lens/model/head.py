@@ -22,12 +22,6 @@ def fp32_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int = 1024) -> tor
     if weight.dtype == torch.float32:
         return F.linear(h32, weight)
     out = h32.new_empty(h.shape[:-1] + (weight.shape[0],))  # written in place: no second logits tensor
-    grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)  # (out= has no autograd)
-    if h32.numel() == h32.shape[-1] and not grad:  # one position (a decoding step): GEMVs straight into the logits
-        row = out.view(1, -1)
-        for v0 in range(0, weight.shape[0], chunk):
-            torch.mm(h32.view(1, -1), weight[v0 : v0 + chunk].float().t(), out=row[:, v0 : v0 + chunk])
-        return out
     exact_in_bf16 = h.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
     with _bf16_products_fp32_sums(h.device, exact_in_bf16):
         for v0 in range(0, weight.shape[0], chunk):
