@@ -250,7 +250,7 @@ def render(report: dict) -> str:
     L = bf.header_lines(report, "Decode benchmark", protocol)
     L[-1:-1] = bf.roofline_lines(report, "decode") + [
         f"- bytes a decode step must read at least ({dtype}; `roofline.decode_bytes_per_step`: weights one token uses "
-        "+ the cache it reads): " + ", ".join(f"prompt {n}: {b / 2**20:.3g} MiB" for n, b in per_len.items())
+        "+ the cache it reads): " + ", ".join(f"prompt {n}: {b / 2**30:.3f} GiB" for n, b in per_len.items())
         for dtype, per_len in (report.get("decode_bytes") or {}).items()
     ]  # before the header's closing blank line
     for dtype in args["dtypes"]:

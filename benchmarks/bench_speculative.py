@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         rows["draft"] = _best(lambda: draft_from_cache(model, kv, x), args.repeat, sync)
 
         n = args.new_tokens
-        plain = model.generate(tokens, max_new_tokens=n, stop_at_eos=False)
+        plain = model.generate(tokens, max_new_tokens=n, stop_at_eos=False, return_type="generation")
         truth = torch.cat([tokens[0], plain.new_tokens[0]])
         anchor = {}
 
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
 
             def run(kwargs=kwargs):
                 nonlocal out
-                out = model.generate(tokens, max_new_tokens=n, stop_at_eos=False, **kwargs)
+                out = model.generate(tokens, max_new_tokens=n, stop_at_eos=False, return_type="generation", **kwargs)
 
             results[name] = (_best(run, max(1, args.repeat - 1), sync), out)
     wall = time.perf_counter() - wall0
