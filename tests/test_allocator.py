@@ -42,7 +42,9 @@ def _probe(env_value: str | None) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "V4LENS_MALLOC"}
     if env_value is not None:
         env["V4LENS_MALLOC"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().split(maxsplit=2)
 

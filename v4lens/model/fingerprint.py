@@ -102,7 +102,9 @@ def model_identity(model) -> dict:
 
 
 def _config_key(cfg) -> tuple:
-    return tuple((k, v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in vars(cfg).items())
+    return tuple(
+        (k, v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)) for k, v in vars(cfg).items()
+    )
 
 
 def identity_mismatch(recorded: dict, model) -> str | None:
