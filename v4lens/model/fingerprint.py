@@ -107,10 +107,11 @@ def _config_key(cfg) -> tuple:
     )
 
 
-def identity_mismatch(recorded: dict, model) -> str | None:
+def identity_mismatch(recorded: dict, model, current: dict | None = None) -> str | None:
     """What differs between a recorded `model_identity` and `model` (None if nothing): the config
-    fields with both values, or that the weights differ."""
-    current = model_identity(model)
+    fields with both values, or that the weights differ. `current`: `model_identity(model)` when the
+    caller has it already (it walks every tensor of the model)."""
+    current = model_identity(model) if current is None else current
     old, new = recorded.get("config", {}), current["config"]
     fields = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if fields:

@@ -160,7 +160,7 @@ class V4KVCache:
             return
         if identity is self.model_identity:  # the usual step: the memoised identity of the model that filled it
             return
-        problem = identity_mismatch(self.model_identity, model)
+        problem = identity_mismatch(self.model_identity, model, identity)
         if problem is not None:
             raise ValueError(
                 f"past_kv_cache was filled by another model ({problem}); its keys and compressor states "
