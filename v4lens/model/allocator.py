@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -25,14 +26,10 @@ MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
 
-_state: dict = {}  # "result": (mmap, trim) once applied, or why nothing was changed
-
-
+@functools.cache
 def tune_cpu_allocator() -> tuple[int, int] | str:
     """Apply the thresholds once per process; returns (mmap, trim) in bytes, or why nothing was changed."""
-    if "result" not in _state:
-        _state["result"] = _apply(os.environ.get("V4LENS_MALLOC", ""))
-    return _state["result"]
+    return _apply(os.environ.get("V4LENS_MALLOC", ""))
 
 
 def _apply(setting: str) -> tuple[int, int] | str:
