@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from transformer_lens.hook_points import HookPoint
@@ -24,6 +23,7 @@ from .config import V4Config
 from .guards import tag_candidates
 from .indexer import Indexer, visible_entries
 from .kv_cache import AttentionState, V4KVCache, append_entries
+from .linear import grouped_linear, linear
 from .norm import RMSNorm
 from .params import fp32_param, is_hooked, param
 from .rope import apply_rope, rope_frequencies
@@ -102,11 +102,11 @@ class Attention(nn.Module):
         state = cache.layers.get(self.layer) if cache is not None else None
         commit = cache.commit if cache is not None else None
 
-        q_latent = self.hook_q_latent(self.q_norm(F.linear(x, self.wq_a)))
-        q = F.linear(q_latent, self.wq_b).view(b, S, H, c)
+        q_latent = self.hook_q_latent(self.q_norm(linear(x, self.wq_a)))
+        q = linear(q_latent, self.wq_b).view(b, S, H, c)
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + cfg.norm_eps)  # unweighted, model dtype
         q = self.hook_q(apply_rope(q, positions, freqs))
-        kv = self.hook_kv(apply_rope(self.kv_norm(F.linear(x, self.wkv)), positions, freqs))
+        kv = self.hook_kv(apply_rope(self.kv_norm(linear(x, self.wkv)), positions, freqs))
 
         # Index space seen by hooks: raw token p -> p, entry w -> N + w (N = tokens so far).
         # Locally the keys are [the cached window, this chunk's tokens, entries].
@@ -256,8 +256,8 @@ class Attention(nn.Module):
         # (viewing it per head instead would make einsum copy wo_a on every call)
         G = self.cfg.o_groups
         z_grouped = rearrange(z, "b s (g j) c -> b s g (j c)", g=G)
-        u = torch.einsum("bsgk,grk->bsgr", z_grouped, self.wo_a.view(G, self.cfg.o_lora_rank, -1))
-        return F.linear(rearrange(u, "b s g r -> b s (g r)"), self.wo_b)
+        u = grouped_linear(z_grouped, self.wo_a.view(G, self.cfg.o_lora_rank, -1))
+        return linear(rearrange(u, "b s g r -> b s (g r)"), self.wo_b)
 
     def head_results(self, z: torch.Tensor) -> torch.Tensor:
         """Each head's write into d, [b,S,H,c] -> [b,S,H,D]: exact, both projections are linear,

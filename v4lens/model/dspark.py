@@ -30,6 +30,7 @@ from .config import V4Config
 from .head import fp32_logits
 from .hyper_connections import HyperHead
 from .kv_cache import push_context
+from .linear import linear
 from .norm import RMSNorm
 from .params import is_hooked, param
 from .rope import apply_rope
@@ -79,13 +80,13 @@ class DSparkAttention(Attention):
         main_x, ctx_positions = context
         freqs = self.freqs(x.device)
 
-        q_latent = self.hook_q_latent(self.q_norm(F.linear(x, self.wq_a)))
-        q = F.linear(q_latent, self.wq_b).view(b, K, H, c)
+        q_latent = self.hook_q_latent(self.q_norm(linear(x, self.wq_a)))
+        q = linear(q_latent, self.wq_b).view(b, K, H, c)
         q = q * torch.rsqrt(q.square().mean(-1, keepdim=True) + cfg.norm_eps)  # unweighted, model dtype
         q = self.hook_q(apply_rope(q, positions, freqs))
         # context and block keys in one pass, so kv_norm's hook fires once ([b, L+K, c])
         all_keys = torch.cat([ctx_positions, positions])  # absolute positions first..p+K, contiguous
-        both = apply_rope(self.kv_norm(F.linear(torch.cat([main_x.to(x.dtype), x], dim=1), self.wkv)), all_keys, freqs)
+        both = apply_rope(self.kv_norm(linear(torch.cat([main_x.to(x.dtype), x], dim=1), self.wkv)), all_keys, freqs)
         L = ctx_positions.shape[0]
         keys = torch.cat([self.hook_context_kv(both[:, :L]), self.hook_kv(both[:, L:])], dim=1)  # [b, L+K, c]
 
@@ -195,7 +196,7 @@ def context_vectors(model, taps: dict, cache=None) -> torch.Tensor:
     cfg, ds = model.cfg, model.dspark
     # plain mean over the streams (no hc_pre, no norm), as the reference's taps
     tapped = ds.hook_taps(torch.stack([taps[layer].mean(dim=2) for layer in cfg.dspark_target_layer_ids], dim=2))
-    main_x = ds.hook_main_x(ds.main_norm(F.linear(tapped.flatten(2), ds.main_proj)))  # [b,S,T·D] -> [b,S,D]
+    main_x = ds.hook_main_x(ds.main_norm(linear(tapped.flatten(2), ds.main_proj)))  # [b,S,T·D] -> [b,S,D]
     if cache is not None:
         cache.dspark_context = push_context(cache.dspark_context, main_x, cfg.window_size)
     return main_x

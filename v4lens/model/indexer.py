@@ -15,6 +15,7 @@ from transformer_lens.hook_points import HookPoint
 from .compressor import Compressor
 from .config import V4Config
 from .kv_cache import CompressorState, append_entries
+from .linear import linear
 from .params import is_hooked, param
 from .rope import apply_rope
 
@@ -73,10 +74,10 @@ class Indexer(nn.Module):
         n_kept = comp_next.n_entries - (comp_state.n_entries if comp_state is not None else 0)
         next_state = (comp_next, append_entries(old_keys, new_keys[:, :n_kept]))
         T = keys.shape[1]
-        q = torch.nn.functional.linear(q_latent, self.wq_b).view(b, S, self.n_heads, self.head_dim)
+        q = linear(q_latent, self.wq_b).view(b, S, self.n_heads, self.head_dim)
         q = self.hook_q(apply_rope(q, positions, freqs))
         scale = (self.head_dim * self.n_heads) ** -0.5
-        alpha = self.hook_head_weights(torch.nn.functional.linear(x, self.weights_proj) * scale)
+        alpha = self.hook_head_weights(linear(x, self.weights_proj) * scale)
         visible = visible_entries(positions, 4)  # [S]
         k = min(self.topk, T)
         if T == 0:  # shorter than one window: nothing to score, but every hook still fires (empty)

@@ -16,13 +16,14 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from .config import V4Config
+from .linear import linear
 from .params import fp32_param, param
 
 
 def clamped_swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
     """SiLU(min(w1·x, L)) ⊙ clamp(w3·x, -L, L) in fp32 (GEMMs in the model dtype). [n, D] -> [n, I]."""
-    gate = F.linear(x, w1).float()
-    up = F.linear(x, w3).float()
+    gate = linear(x, w1).float()
+    up = linear(x, w3).float()
     if limit > 0:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
@@ -71,7 +72,7 @@ class Experts(nn.Module):
             tokens = token_of_slot[sl]
             hidden = clamped_swiglu(x[tokens], self.w1[expert], self.w3[expert], self.limit)
             hidden = hidden * slot_weights[sl, None]  # routing weight before w2, in fp32
-            y = F.linear(hidden.to(x.dtype), self.w2[expert])
+            y = linear(hidden.to(x.dtype), self.w2[expert])
             if per_slot:
                 outputs[order[sl]] = y
             else:
@@ -90,7 +91,7 @@ class SharedExpert(nn.Module):
         self.limit = cfg.swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(clamped_swiglu(x, self.w1, self.w3, self.limit).to(x.dtype), self.w2)
+        return linear(clamped_swiglu(x, self.w1, self.w3, self.limit).to(x.dtype), self.w2)
 
 
 class Gate(nn.Module):

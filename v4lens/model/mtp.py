@@ -15,6 +15,7 @@ from .block import Block
 from .config import V4Config
 from .head import fp32_logits
 from .hyper_connections import HyperHead
+from .linear import linear
 from .norm import RMSNorm
 from .params import param
 
@@ -41,7 +42,7 @@ class MTPBlock(Block):
         """streams [b,S,n,d] (previous depth's final streams), next_embed [b,S,d] -> this block's streams."""
         e = self.hook_embed(self.enorm(next_embed))
         h = self.hook_hidden(self.hnorm(streams))
-        x = F.linear(e, self.e_proj)[:, :, None, :] + F.linear(h, self.h_proj)
+        x = linear(e, self.e_proj)[:, :, None, :] + F.linear(h, self.h_proj)
         return super().forward(x, positions, None, cache)
 
     def logits(self, streams: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
