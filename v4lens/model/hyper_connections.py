@@ -9,6 +9,8 @@ the new ones. Everything here runs in fp32; the streams are cast back once.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformer_lens.hook_points import HookPoint
@@ -49,6 +51,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 def _sinkhorn_in_place(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """`sinkhorn`'s operations in the same order, in place on a fresh tensor. [..., n, n] -> [..., n, n]."""
+    eps = _fp32_scalar(eps)  # adding a Python float wraps and converts it on every add (40 times here)
     comb = torch.softmax(logits, dim=-1).add_(eps)  # a new tensor: ours to overwrite
     col = comb.sum(dim=-2, keepdim=True).add_(eps)
     comb.div_(col)
@@ -57,6 +60,12 @@ def _sinkhorn_in_place(logits: torch.Tensor, iters: int, eps: float) -> torch.Te
         comb.div_(torch.sum(comb, dim=-1, keepdim=True, out=row).add_(eps))
         comb.div_(torch.sum(comb, dim=-2, keepdim=True, out=col).add_(eps))
     return comb
+
+
+@functools.lru_cache(maxsize=16)
+def _fp32_scalar(value: float) -> torch.Tensor:
+    """value as a 0-dim fp32 CPU tensor (what adding the float does, rounded once; a CPU scalar serves any device)."""
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def collapse(streams32: torch.Tensor, pre: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
