@@ -22,7 +22,9 @@ steps, so
     decode tok/s = batch × (N − 1) / (t(N) − t(1))
 
 counts only tokens made by decode steps and only the time they took; the set-up, the prefill
-and the first token cancel out. (A streaming callback would time the steps inside one call, but
+and the first token cancel out. On a shared machine whose speed drifts over minutes, `--rounds R`
+runs the v4lens and transformers workers R times, alternating which goes first, and reports the
+best of all rounds, so a slow phase does not fall on one side only. (A streaming callback would time the steps inside one call, but
 transformers and v4lens stream differently and a CUDA sync per token would slow both down.)
 Peak memory is that of the N-token run (prefill activations + the cache grown over N tokens), on
 CPU as peak RSS over the RSS before the call, on CUDA `torch.cuda.max_memory_allocated()` over the
@@ -152,15 +154,36 @@ def build_jobs(args) -> list[dict]:
     for dtype in args.dtypes:
         for length in args.prompt_lengths:
             base = dict(common, dtype=dtype, length=length)
-            jobs.append(dict(base, job="v4lens"))
+            pair = [dict(base, job="v4lens")]
             if args.hf:
                 if args.hf_max_len and length > args.hf_max_len:
-                    jobs.append(dict(base, job="hf", skip=f"skipped (> --hf-max-len {args.hf_max_len})"))
+                    pair.append(dict(base, job="hf", skip=f"skipped (> --hf-max-len {args.hf_max_len})"))
                 else:
-                    jobs.append(dict(base, job="hf"))
+                    pair.append(dict(base, job="hf"))
+            for r in range(args.rounds):  # odd rounds run transformers first: a slow phase hits both alike
+                jobs += [dict(job, round=r) for job in (pair if r % 2 == 0 else pair[::-1])]
+                if any("skip" in job for job in pair):
+                    pair = [job for job in pair if "skip" not in job]  # a skipped job is listed once
             if args.speculative:
                 jobs.append(dict(base, job="v4lens-spec"))
     return jobs
+
+
+def merge_rounds(results: list[dict]) -> list[dict]:
+    """One result per (job, dtype, length): the timed runs of every round together (the best is
+    reported), everything else from the first round; a round that failed marks the whole job."""
+    merged: dict[tuple, dict] = {}
+    for r in results:
+        s = r["spec"]
+        key = (s["job"], s["dtype"], s["length"])
+        if key not in merged:
+            merged[key] = dict(r, events=list(r["events"]))
+            continue
+        first = merged[key]
+        first["events"] += [e for e in r["events"] if e["kind"] == "run"]
+        if first["status"] == "ok" and r["status"] != "ok":
+            first["status"], first["stderr_tail"] = r["status"], r.get("stderr_tail")
+    return list(merged.values())
 
 
 def summarise(job: dict, args) -> dict:
@@ -236,13 +259,20 @@ def _decode_cell(s, what):
     return bf._cell(s, "generate", "peak", 0)
 
 
+def _rounds_text(args: dict) -> str:
+    rounds = args.get("rounds", 1)
+    if rounds == 1:
+        return ""
+    return f" over {rounds} rounds of workers (v4lens first, then transformers first, ...; best of all)"
+
+
 def render(report: dict) -> str:
     args, S = report["args"], report["summary"]
     n_new = args["new_tokens"]
     protocol = (
         f"fresh worker process per configuration, `torch.inference_mode()`, greedy; warm-up: generate 2 tokens "
         f"after min(prompt, {args['warmup_len']}) prompt tokens; timed: generate 1 token (= prefill) and {n_new} tokens, best of "
-        f"{args['repeat']} each; decode tok/s = batch × ({n_new} − 1) ÷ (t({n_new}) − t(1)); peak memory = "
+        f"{args['repeat']} each{_rounds_text(args)}; decode tok/s = batch × ({n_new} − 1) ÷ (t({n_new}) − t(1)); peak memory = "
         f"{report['mem_method']} during the {n_new}-token generate, minus the memory just before it; "
         f"v4lens `generate(stop_at_eos=False)` (incremental decoding cache); transformers "
         f"`generate(do_sample=False, min_new_tokens={n_new}, use_cache=True)`, eager attention"
@@ -321,6 +351,9 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", help="comma-separated dtypes: bf16, fp32 (default bf16)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1, help="timed runs of each generate; the best is reported (1)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the v4lens and transformers workers this many times, alternating which goes first; "
+                        "the best of all rounds is reported (1)")  # fmt: skip
     p.add_argument("--warmup-len", type=int, default=128, help="prompt tokens of the untimed warm-up (default 128)")
     p.add_argument("--threads", type=int, help="torch threads in each worker (default: all usable CPUs)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -342,6 +375,8 @@ def parse_args(argv=None):
         return args
     args.prompt_lengths = [int(x) for x in (args.prompt_lengths or "1024").split(",") if x.strip()]
     args.dtypes = [x.strip() for x in (args.dtypes or "bf16").split(",") if x.strip()]
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
     if args.new_tokens < 2:
         raise SystemExit("--new-tokens must be at least 2 (decode speed = the tokens after the first)")
     from v4lens.model.config import resolve_dtype
@@ -363,7 +398,7 @@ def main(argv=None) -> int:
     if args.speculative and not cfg.n_mtp_layers:
         log("note: --speculative needs MTP blocks (cfg.n_mtp_layers > 0); this config has none")
     jobs = build_jobs(args)
-    results = bf.run_jobs(jobs, args, log, script=__file__)
+    results = merge_rounds(bf.run_jobs(jobs, args, log, script=__file__))
     summary, device_check = bf.summarise_jobs(results, lambda r: summarise(r, args))
     matches = {}  # "dtype/length" -> v4lens greedy tokens against transformers' / speculative's
     for key, row in summary.items():

@@ -19,3 +19,37 @@ def test_bench_speculative_runs_on_tiny(tmp_path):
     assert "| verification forward" in report and "| speculative (oracle drafts)" in report
     oracle = next(line for line in report.splitlines() if line.startswith("| speculative (oracle drafts)"))
     assert oracle.rstrip(" |").endswith("yes")  # in fp32 the oracle's tokens are plain greedy's
+
+
+def _bench_decode():
+    import importlib
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module("bench_decode")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_bench_decode_rounds_alternate_and_merge():
+    bd = _bench_decode()
+    args = bd.parse_args(["--preset", "tiny", "--prompt-lengths", "16,64", "--hf-max-len", "32", "--rounds", "3"])
+    jobs = [(j["job"], j["length"], "skip" in j) for j in bd.build_jobs(args) if j["job"] != "roofline"]
+    assert jobs == [
+        ("v4lens", 16, False), ("hf", 16, False), ("hf", 16, False), ("v4lens", 16, False),
+        ("v4lens", 16, False), ("hf", 16, False),
+        ("v4lens", 64, False), ("hf", 64, True), ("v4lens", 64, False), ("v4lens", 64, False),
+    ]  # fmt: skip
+
+    def result(job, status, *times):
+        spec = {"job": job, "dtype": "bf16", "length": 16}
+        runs = [{"kind": "run", "mode": "generate", "time_s": t} for t in times]
+        return {"spec": spec, "status": status, "events": [{"kind": "loaded"}, *runs, {"kind": "done"}]}
+
+    merged = bd.merge_rounds([result("v4lens", "ok", 3.0), result("hf", "ok", 5.0), result("hf", "ok", 4.0),
+                              result("v4lens", "timeout", 2.0)])  # fmt: skip
+    by_job = {r["spec"]["job"]: r for r in merged}
+    assert len(merged) == 2
+    assert [e["time_s"] for e in by_job["hf"]["events"] if e["kind"] == "run"] == [5.0, 4.0]
+    assert [e["kind"] for e in by_job["v4lens"]["events"]] == ["loaded", "run", "done", "run"]
+    assert by_job["v4lens"]["status"] == "timeout" and by_job["hf"]["status"] == "ok"
