@@ -17,15 +17,19 @@ How prefill and decode are separated: each worker times `generate(prompt, 1 new 
 `generate(prompt, N new tokens)` (alternating their order over `--repeat`, best time of each).
 The 1-token run is the prefill: the prompt's forward and the first new token (time to first
 token, including `generate`'s own set-up). The N-token run does the same prefill plus N − 1 decode
-steps, so
+steps, each one forward of the model; a forward pre-hook on the model (v4lens's `HookedV4`,
+transformers' `DeepseekV4ForCausalLM`) notes when each forward starts, and the time from the
+second forward's start to the end of the call is the decode steps alone (sampling included), so
 
-    decode tok/s = batch × (N − 1) / (t(N) − t(1))
+    decode tok/s = batch × (N − 1) / (end of the N-token call − start of its second forward)
 
-counts only tokens made by decode steps and only the time they took; the set-up, the prefill
-and the first token cancel out. On a shared machine whose speed drifts over minutes, `--rounds R`
-runs the v4lens and transformers workers R times, alternating which goes first, and reports the
-best of all rounds, so a slow phase does not fall on one side only. (A streaming callback would time the steps inside one call, but
-transformers and v4lens stream differently and a CUDA sync per token would slow both down.)
+counts only tokens made by decode steps and only the time they took. (Taking t(N) − t(1) instead
+lets the prefill's noise in: at a 4k prompt on this shared machine two prefills differed by 7 s,
+as much as the 31 steps took. Speculative decoding, not one forward per token, is still timed that
+way.) On CUDA the clock starts after a synchronisation at the second forward. On a shared machine
+whose speed drifts over minutes, `--rounds R` runs the v4lens and transformers workers R times,
+alternating which goes first, and reports the best of all rounds, so a slow phase does not fall on
+one side only.
 Peak memory is that of the N-token run (prefill activations + the cache grown over N tokens), on
 CPU as peak RSS over the RSS before the call, on CUDA `torch.cuda.max_memory_allocated()` over the
 allocated memory before it (see bench_forward.py).
@@ -112,6 +116,16 @@ def run_worker(spec: dict) -> None:
                 return r.new_tokens, getattr(r, "mtp_acceptance", None)
 
         generate(warm, 2)  # warm-up: a prefill and one decode step on a short prompt
+        # when each forward starts: the decode steps of one generate are timed from the second one on
+        starts: list[float] = []
+
+        def mark(*_):
+            if len(starts) == 1:
+                sync()  # the prefill's work is done before the steps' clock starts (CUDA)
+            starts.append(time.perf_counter())
+
+        if job in ("v4lens", "hf"):  # (a speculative round is not one forward per token)
+            (hf if job == "hf" else model).register_forward_pre_hook(mark)
 
         sync()
         gc.collect()
@@ -124,14 +138,18 @@ def run_worker(spec: dict) -> None:
             for n in (1, n_new) if r % 2 == 0 else (n_new, 1):
                 probe.start()
                 sync()
+                starts.clear()
                 t0 = time.perf_counter()
                 new, acceptance = generate(tokens, n)
                 sync()
-                dt = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                dt = t1 - t0
                 peak = probe.stop()
                 info = {}
                 if n == n_new:
                     info = {"acceptance": acceptance, "n_generated": int(new.shape[1])}
+                    if len(starts) == n_new:  # one forward per token: the steps after the prefill, timed alone
+                        info["steps_s"] = t1 - starts[1]
                     if r == 0:
                         info["tokens"] = new.tolist()
                 bf._emit("run", mode="prefill" if n == 1 else "generate", rep=r, time_s=dt, peak_bytes=peak, **info)
@@ -197,7 +215,11 @@ def summarise(job: dict, args) -> dict:
     out["n_generated"] = runs[0]["n_generated"] if runs else None
     t1, tn = bf._get(out, "prefill", "time_s"), bf._get(out, "generate", "time_s")
     steps = args.batch * (args.new_tokens - 1)
-    out["decode_s"] = tn - t1 if t1 is not None and tn is not None else None
+    timed = [e["steps_s"] for e in runs if "steps_s" in e]
+    if runs and len(timed) == len(runs):  # the decode steps timed alone (one forward per token)
+        out["decode_s"], out["decode_how"] = min(timed), "steps"
+    else:  # t(N) - t(1): the prefill cancels out, but its noise does not
+        out["decode_s"], out["decode_how"] = (tn - t1 if t1 is not None and tn is not None else None), "difference"
     out["decode_rate"] = steps / out["decode_s"] if out["decode_s"] and out["decode_s"] > 0 else None
     return out
 
@@ -272,7 +294,8 @@ def render(report: dict) -> str:
     protocol = (
         f"fresh worker process per configuration, `torch.inference_mode()`, greedy; warm-up: generate 2 tokens "
         f"after min(prompt, {args['warmup_len']}) prompt tokens; timed: generate 1 token (= prefill) and {n_new} tokens, best of "
-        f"{args['repeat']} each{_rounds_text(args)}; decode tok/s = batch × ({n_new} − 1) ÷ (t({n_new}) − t(1)); peak memory = "
+        f"{args['repeat']} each{_rounds_text(args)}; decode tok/s = batch × ({n_new} − 1) ÷ (time from the start of the "
+        f"{n_new}-token call's second forward to its end; speculative: t({n_new}) − t(1)); peak memory = "
         f"{report['mem_method']} during the {n_new}-token generate, minus the memory just before it; "
         f"v4lens `generate(stop_at_eos=False)` (incremental decoding cache); transformers "
         f"`generate(do_sample=False, min_new_tokens={n_new}, use_cache=True)`, eager attention"
