@@ -5,7 +5,7 @@ projections, an expert that a single token chose) oneDNN reads the weight at abo
 speed of PyTorch's own GEMV kernel, and a decoding step is little else but such products. So a
 one-row bf16 product runs with oneDNN switched off for that call. Both kernels multiply bf16
 values exactly and accumulate in fp32; they may round the last bit of an output differently
-(an output in a few thousand), which is within what bf16 itself changes. Wider products
+(about one output in 10,000 in a test), which is within what bf16 itself changes. Wider products
 (prefill, several tokens per expert) keep oneDNN, much faster there; fp32 products never use it.
 
 PyTorch's switch is process-wide: during such a call, bf16 products that other threads run at
