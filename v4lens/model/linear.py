@@ -21,7 +21,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-_switch = threading.Lock()
+_switch = threading.RLock()  # re-entrant: a weight subclass may compute inside the call
 
 
 def _one_bf16_row(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
