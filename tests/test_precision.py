@@ -225,3 +225,44 @@ def test_bf16_head_gives_fp32_logits_of_the_bf16_values():
     fp32_logits(h1, weight, chunk=1024)[..., 7].sum().backward()
     torch.testing.assert_close(h1.grad.view(-1), weight[7].float())
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_concurrent_bf16_heads_restore_the_precision_flag():
+    """Two threads in the bf16 head at once: the second must not save the first's "bf16" as the value
+    to restore (it would restore it after the first left, and every later fp32 product in the process
+    would multiply in bf16). The spy forces that interleaving wherever the second can enter."""
+    import threading
+    import unittest.mock
+
+    from v4lens.model.head import fp32_logits
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    h = torch.randn(1, 64).bfloat16()
+    weight = torch.randn(100, 64).bfloat16()  # one vocabulary slice
+    first_inside, first_may_go, first_done = threading.Event(), threading.Event(), threading.Event()
+    real_linear = torch.nn.functional.linear
+
+    def spy_linear(x, w, *rest):
+        if threading.current_thread().name == "first":
+            first_inside.set()
+            first_may_go.wait(timeout=0.5)  # until the second is inside too (or 0.5 s: it cannot enter)
+        else:
+            first_may_go.set()
+            first_done.wait(timeout=5)  # the second leaves only after the first has restored the flag
+        return real_linear(x, w, *rest)
+
+    def first():
+        fp32_logits(h, weight, chunk=128)
+        first_done.set()
+
+    def second():
+        first_inside.wait(timeout=5)
+        fp32_logits(h, weight, chunk=128)
+
+    with unittest.mock.patch("v4lens.model.head.F.linear", spy_linear):
+        threads = [threading.Thread(target=first, name="first"), threading.Thread(target=second, name="second")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

@@ -7,6 +7,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from .linear import SWITCH_LOCK
+
 
 def fp32_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """head · h in fp32 for every position: [..., d] x [V, d] -> [..., V] fp32.
@@ -36,9 +38,10 @@ def _bf16_products_fp32_sums(device: torch.device, enabled: bool):
     if not enabled or device.type != "cpu" or flag is None or not torch.backends.mkldnn.is_available():
         yield
         return
-    before = flag.fp32_precision
-    flag.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        flag.fp32_precision = before
+    with SWITCH_LOCK:  # process-wide: a concurrent restore must not leave every fp32 product in bf16
+        before = flag.fp32_precision
+        flag.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            flag.fp32_precision = before

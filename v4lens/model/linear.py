@@ -21,7 +21,10 @@ import threading
 import torch
 import torch.nn.functional as F
 
-_switch = threading.RLock()  # re-entrant: a weight subclass may compute inside the call
+# Held while any of PyTorch's process-wide matmul switches is flipped (here and in head.py), so two
+# threads can never restore each other's value and leave a switch changed. Re-entrant: a weight
+# subclass may compute inside the call.
+SWITCH_LOCK = threading.RLock()
 
 
 def _one_bf16_row(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
@@ -29,7 +32,7 @@ def _one_bf16_row(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
 
 
 def _without_onednn(fn, *args):
-    with _switch:
+    with SWITCH_LOCK:
         if not torch._C._get_mkldnn_enabled():
             return fn(*args)
         torch._C._set_mkldnn_enabled(False)
