@@ -89,3 +89,71 @@ def test_model_with_fast_paths_equals_reference(tiny256, tokens_2x40, monkeypatc
     assert fast[1].keys() == plain[1].keys() and any("hook_comb" in k for k in fast[1])
     for name in plain[1]:
         assert all(torch.equal(a, b) for a, b in zip(fast[1][name], plain[1][name], strict=True)), name
+
+
+def _general_experts_path(monkeypatch):
+    from v4lens.model.moe import Experts
+
+    monkeypatch.setattr(Experts, "_one_token_distinct", lambda self, ids: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_slot", [False, True])
+@pytest.mark.parametrize("ids", [[5, 2, 7], [-1, 3, 0], [-1, -1, -1], [4, 4, 1], [2, -1, 2]])
+def test_one_token_experts_equal_the_grouped_path(tiny256, monkeypatch, dtype, per_slot, ids):
+    """A single token's experts (a decoding step) skip the sorting and grouping of slots: the same
+    products in the same expert order, bit for bit; repeated experts (an edit) take the grouped path."""
+    from v4lens.model.moe import Experts
+
+    cfg = tiny256.cfg
+    experts = Experts(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    experts = experts.to(dtype)
+    x = torch.randn(1, cfg.d_model, generator=gen).to(dtype)
+    ids_t = torch.tensor([ids])
+    weights = torch.rand(1, 3, generator=gen)
+    assert (experts._one_token_distinct(ids_t) is not None) == (len({i for i in ids if i >= 0}) == sum(i >= 0 for i in ids))
+    with torch.inference_mode():
+        fast = experts(x, ids_t, weights, per_slot=per_slot)
+        _general_experts_path(monkeypatch)
+        grouped = experts(x, ids_t, weights, per_slot=per_slot)
+    assert fast.shape == grouped.shape and fast.dtype == grouped.dtype
+    assert torch.equal(fast, grouped)
+    if per_slot and ids[1] == -1:
+        assert not fast[0, 1].any()  # an empty slot's output is zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decoding_with_one_token_experts_equals_the_grouped_path(monkeypatch, dtype):
+    """Decoding steps (one token, batch 1) give the same logits and expert hooks bit for bit
+    whichever expert path runs."""
+    import v4lens
+
+    model = v4lens.load("tiny", d_vocab=256, seed=0, dtype=dtype)
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        cache, parts, seen = V4KVCache(), [], {}
+        hooks = [(n, lambda t, hook: seen.setdefault(hook.name, []).append(t.clone())) for n in model.hook_dict if "mlp.hook_" in n]
+        with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
+            parts.append(model(tokens[:, :36], past_kv_cache=cache))
+            for s in range(36, 40):
+                parts.append(model(tokens[:, s : s + 1], past_kv_cache=cache))
+        return torch.cat(parts, dim=1), seen
+
+    calls = []
+    from v4lens.model.moe import Experts
+
+    real = Experts._one_token
+    monkeypatch.setattr(Experts, "_one_token", lambda self, *a: calls.append(1) or real(self, *a))
+    fast = run()
+    assert len(calls) == 4 * model.cfg.n_layers  # every decoding step of every layer took the one-token path
+    _general_experts_path(monkeypatch)
+    grouped = run()
+    assert torch.equal(fast[0], grouped[0])
+    assert fast[1].keys() == grouped[1].keys() and fast[1]
+    for name in grouped[1]:
+        assert all(torch.equal(a, b) for a, b in zip(fast[1][name], grouped[1][name], strict=True)), name

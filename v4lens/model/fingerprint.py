@@ -55,6 +55,8 @@ def weights_versions(model) -> tuple:
     # buffer that changes only costs a recomputed fingerprint (which leaves it out)
     versions = []
     for module in model.modules():
+        if not (module._parameters or module._buffers):  # most modules are hook points: skip them cheaply
+            continue
         for t in itertools.chain(module._parameters.values(), module._buffers.values()):
             if t is None:
                 continue

@@ -51,6 +51,9 @@ class Experts(nn.Module):
         per_slot=True each slot's weighted output ([N, k, D], model dtype; empty slots zero).
         """
         N, k = ids.shape
+        chosen = self._one_token_distinct(ids)
+        if chosen is not None:
+            return self._one_token(x, chosen, weights, per_slot)
         flat_ids = ids.flatten()
         order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert id
         counts = torch.bincount(flat_ids.clamp(min=0)[flat_ids >= 0], minlength=self.w1.shape[0]).tolist()
@@ -79,6 +82,32 @@ class Experts(nn.Module):
                 outputs.index_add_(0, tokens, y.float())
             start += count
         return outputs.view(N, k, -1) if per_slot else outputs
+
+    def _one_token_distinct(self, ids: torch.Tensor) -> list[int] | None:
+        """ids [1, k] as a list when one token's slots name distinct experts (or are empty), else None.
+        Offloaded experts (which prefetch what a step uses) take the general path."""
+        if ids.shape[0] != 1 or getattr(self.w1, "prefetch", None) is not None:
+            return None
+        chosen = ids[0].tolist()
+        used = [e for e in chosen if e >= 0]
+        return chosen if len(set(used)) == len(used) else None
+
+    def _one_token(self, x: torch.Tensor, chosen: list[int], weights: torch.Tensor, per_slot: bool) -> torch.Tensor:
+        """`forward` for one token whose slots name distinct experts (a decoding step): the same products,
+        in the same increasing expert order, without sorting and grouping slots (bit-identical).
+        x [1, D], chosen: the k expert ids (-1 = empty slot), weights [1, k] fp32."""
+        k = len(chosen)
+        outputs = x.new_zeros(k, x.shape[-1]) if per_slot else x.new_zeros(1, x.shape[-1], dtype=torch.float32)
+        for slot in sorted((s for s in range(k) if chosen[s] >= 0), key=chosen.__getitem__):
+            expert = chosen[slot]
+            hidden = clamped_swiglu(x, self.w1[expert], self.w3[expert], self.limit)
+            hidden = hidden * weights[:, slot : slot + 1]  # routing weight before w2, in fp32
+            y = linear(hidden.to(x.dtype), self.w2[expert])
+            if per_slot:
+                outputs[slot] = y[0]
+            else:
+                outputs.add_(y.float())
+        return outputs.view(1, k, -1) if per_slot else outputs
 
 
 class SharedExpert(nn.Module):
