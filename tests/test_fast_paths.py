@@ -115,7 +115,9 @@ def test_one_token_experts_equal_the_grouped_path(tiny256, monkeypatch, dtype, p
     x = torch.randn(1, cfg.d_model, generator=gen).to(dtype)
     ids_t = torch.tensor([ids])
     weights = torch.rand(1, 3, generator=gen)
-    assert (experts._one_token_distinct(ids_t) is not None) == (len({i for i in ids if i >= 0}) == sum(i >= 0 for i in ids))
+    assert (experts._one_token_distinct(ids_t) is not None) == (
+        len({i for i in ids if i >= 0}) == sum(i >= 0 for i in ids)
+    )
     with torch.inference_mode():
         fast = experts(x, ids_t, weights, per_slot=per_slot)
         _general_experts_path(monkeypatch)
@@ -137,7 +139,11 @@ def test_decoding_with_one_token_experts_equals_the_grouped_path(monkeypatch, dt
 
     def run():
         cache, parts, seen = V4KVCache(), [], {}
-        hooks = [(n, lambda t, hook: seen.setdefault(hook.name, []).append(t.clone())) for n in model.hook_dict if "mlp.hook_" in n]
+        hooks = [
+            (n, lambda t, hook: seen.setdefault(hook.name, []).append(t.clone()))
+            for n in model.hook_dict
+            if "mlp.hook_" in n
+        ]
         with torch.inference_mode(), model.hooks(fwd_hooks=hooks):
             parts.append(model(tokens[:, :36], past_kv_cache=cache))
             for s in range(36, 40):
