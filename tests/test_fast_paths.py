@@ -163,3 +163,34 @@ def test_decoding_with_one_token_experts_equals_the_grouped_path(monkeypatch, dt
     assert fast[1].keys() == grouped[1].keys() and fast[1]
     for name in grouped[1]:
         assert all(torch.equal(a, b) for a, b in zip(fast[1][name], grouped[1][name], strict=True)), name
+
+
+def test_compressor_skips_pooling_when_no_window_completes_and_no_hook_looks(monkeypatch):
+    """A decoding step that completes no compressed window builds no empty pooling, norm and RoPE,
+    unless a hook on the compressor would see them (hooks still fire, with T = 0 entries)."""
+    import v4lens
+    from v4lens.model.compressor import Compressor
+
+    model = v4lens.load("tiny", d_vocab=256, seed=0)
+    tokens = torch.randint(0, 256, (1, 41), generator=torch.Generator().manual_seed(2))
+    pooled = []
+    real = Compressor._pool
+    monkeypatch.setattr(Compressor, "_pool", lambda self, *a: pooled.append(a[0].shape[1]) or real(self, *a))
+    with torch.inference_mode():
+        cache = V4KVCache()
+        model(tokens[:, :37], past_kv_cache=cache)
+        pooled.clear()
+        logits = model(tokens[:, 37:38], past_kv_cache=cache)  # position 37: completes no window of 4 or 6
+        assert pooled == []
+        name = next(n for n in model.hook_dict if n.endswith("compressor.hook_kv"))
+        seen = []
+        with model.hooks(fwd_hooks=[(name, lambda t, hook: seen.append(tuple(t.shape)))]):
+            cache2 = V4KVCache()
+            model(tokens[:, :37], past_kv_cache=cache2)
+            pooled.clear()
+            hooked = model(tokens[:, 37:38], past_kv_cache=cache2)
+        assert pooled == [0] and seen[-1][1] == 0  # the hooked compressor pooled its empty window set
+        assert torch.equal(logits, hooked)
+        pooled.clear()
+        model(tokens[:, 38:40], past_kv_cache=cache)  # position 39 completes a window of 4
+        assert 1 in pooled

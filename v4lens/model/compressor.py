@@ -17,7 +17,7 @@ from transformer_lens.hook_points import HookPoint
 from .config import V4Config
 from .kv_cache import CompressorState
 from .norm import RMSNorm
-from .params import fp32_param
+from .params import fp32_param, is_hooked
 from .rope import apply_rope
 
 
@@ -70,27 +70,10 @@ class Compressor(nn.Module):
         T = (r + S) // m
         win_values = values[:, : T * m].view(b, T, m, width)  # [b,T,m,width]
         win_logits = logits[:, : T * m].view(b, T, m, width) + self.ape
-        if self.overlap:
-            # slots 0..m-1: the previous window's a-halves (before the first window: value 0,
-            # logit -inf, i.e. weight 0); slots m..2m-1: this window's b-halves
-            carry_values, carry_logits = state.carry_values, state.carry_logits
-            if carry_values is None:
-                carry_values = values.new_zeros(b, 1, m, d)
-                carry_logits = values.new_full((b, 1, m, d), float("-inf"))
-            else:
-                carry_values, carry_logits = carry_values[:, None], carry_logits[:, None]
-            # ([:, :T] keeps T == 0 empty)
-            prev_values = torch.cat([carry_values, win_values[:, :-1, :, :d]], dim=1)[:, :T]
-            prev_logits = torch.cat([carry_logits, win_logits[:, :-1, :, :d]], dim=1)[:, :T]
-            pooled_values = torch.cat([prev_values, win_values[..., d:]], dim=2)  # [b,T,2m,d]
-            pooled_logits = torch.cat([prev_logits, win_logits[..., d:]], dim=2)
+        if T == 0 and not any(map(is_hooked, (self.hook_weights, self.norm.hook_normalized, self.hook_kv))):
+            entries = x.new_empty(b, 0, d)  # no window completes (most decoding steps) and no hook looks
         else:
-            pooled_values, pooled_logits = win_values, win_logits
-        weights = self.hook_weights(torch.softmax(pooled_logits, dim=2))
-        pooled = (weights * pooled_values).sum(dim=2).to(x.dtype)  # [b,T,d]
-        entries = self.norm(pooled)
-        positions = (state.n_entries + torch.arange(T, device=x.device)) * m  # each window's first token
-        entries = self.hook_kv(apply_rope(entries, positions, freqs))
+            entries = self._pool(win_values, win_logits, state, x.dtype, freqs)
 
         kept = r + (S if commit is None else commit)  # tokens (pending + chunk) the next state covers
         T_kept = kept // m
@@ -104,3 +87,37 @@ class Compressor(nn.Module):
             None if carry_logits is None else carry_logits.clone(), state.n_entries + T_kept,
         )  # fmt: skip
         return entries, next_state
+
+    def _pool(
+        self,
+        win_values: torch.Tensor,
+        win_logits: torch.Tensor,
+        state: CompressorState,
+        dtype: torch.dtype,
+        freqs: torch.Tensor,
+    ) -> torch.Tensor:
+        """The windows' projections [b,T,m,width] fp32 (logits with `ape` added) -> entries [b,T,dim]:
+        softmax pooling over the slots, norm, RoPE at each window's first token."""
+        b, T, m, _ = win_values.shape
+        d = self.dim
+        if self.overlap:
+            # slots 0..m-1: the previous window's a-halves (before the first window: value 0,
+            # logit -inf, i.e. weight 0); slots m..2m-1: this window's b-halves
+            carry_values, carry_logits = state.carry_values, state.carry_logits
+            if carry_values is None:
+                carry_values = win_values.new_zeros(b, 1, m, d)
+                carry_logits = win_values.new_full((b, 1, m, d), float("-inf"))
+            else:
+                carry_values, carry_logits = carry_values[:, None], carry_logits[:, None]
+            # ([:, :T] keeps T == 0 empty)
+            prev_values = torch.cat([carry_values, win_values[:, :-1, :, :d]], dim=1)[:, :T]
+            prev_logits = torch.cat([carry_logits, win_logits[:, :-1, :, :d]], dim=1)[:, :T]
+            pooled_values = torch.cat([prev_values, win_values[..., d:]], dim=2)  # [b,T,2m,d]
+            pooled_logits = torch.cat([prev_logits, win_logits[..., d:]], dim=2)
+        else:
+            pooled_values, pooled_logits = win_values, win_logits
+        weights = self.hook_weights(torch.softmax(pooled_logits, dim=2))
+        pooled = (weights * pooled_values).sum(dim=2).to(dtype)  # [b,T,d]
+        entries = self.norm(pooled)
+        positions = (state.n_entries + torch.arange(T, device=win_values.device)) * m  # each window's first token
+        return self.hook_kv(apply_rope(entries, positions, freqs))
