@@ -67,3 +67,41 @@ def test_v4lens_malloc_default_leaves_glibc_as_it_is():
 def test_a_malformed_setting_is_an_error_naming_the_variable():
     with pytest.raises(ValueError, match="V4LENS_MALLOC='lots'"):
         allocator._apply("lots")
+
+
+# In a fresh process: a freed 128 MiB block below a live one stays resident until release_free_memory()
+RELEASE_PROBE = textwrap.dedent(
+    """
+    import torch, v4lens
+    from v4lens.model import allocator
+    v4lens.HookedV4(v4lens.preset("tiny"), device="meta")
+    def rss():
+        return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) << 10
+    big = torch.ones(128 << 20, dtype=torch.uint8)  # from the heap (below the raised mmap threshold)
+    pin = torch.ones(1 << 10, dtype=torch.uint8)  # allocated after it: the heap's top cannot shrink past it
+    before = rss()
+    del big
+    kept = before - rss()
+    released = allocator.release_free_memory()
+    print(kept, before - rss(), released)
+    """
+)
+
+
+@glibc
+def test_release_free_memory_hands_freed_heap_blocks_back():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "V4LENS_MALLOC"}
+    out = subprocess.run(
+        [sys.executable, "-c", RELEASE_PROBE], check=False, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    kept, dropped, released = out.stdout.split()
+    assert int(kept) < 16 << 20  # freed but still resident: the heap keeps it for reuse
+    assert int(dropped) >= 120 << 20 and released == "True"
+
+
+def test_release_free_memory_leaves_glibc_alone_when_not_tuned(monkeypatch):
+    monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: "V4LENS_MALLOC=default")
+    assert allocator.release_free_memory() is False

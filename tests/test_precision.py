@@ -266,3 +266,29 @@ def test_concurrent_bf16_heads_restore_the_precision_flag():
         for t in threads:
             t.join(timeout=30)
     assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_large_logits_first_release_the_heap(monkeypatch):
+    """The head hands the heap's freed temporaries back before allocating large logits (bf16 and fp32
+    tables, a CPU model's forward and the MTP head), and not for small ones (a decoding step)."""
+    from v4lens.model import head
+
+    calls = []
+    monkeypatch.setattr(head, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(head, "RELEASE_BEFORE_BYTES", 10 * 256 * 4)  # ten positions of a 256-token vocabulary
+    for dtype in (torch.float32, torch.bfloat16):
+        model = v4lens.load("tiny", d_vocab=256, seed=0, dtype=dtype)
+        tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+        calls.clear()
+        with torch.inference_mode():
+            logits = model(tokens)
+            assert len(calls) == 1
+            model(tokens[:, :9])  # 9 positions: below the threshold
+            assert len(calls) == 1
+            model(tokens, mtp=True)
+            assert len(calls) == 3  # the main head and the MTP head
+        monkeypatch.setattr(head, "RELEASE_BEFORE_BYTES", 1 << 62)
+        with torch.inference_mode():
+            assert torch.equal(model(tokens), logits)  # values unchanged, nothing released
+        monkeypatch.setattr(head, "RELEASE_BEFORE_BYTES", 10 * 256 * 4)
+        assert len(calls) == 3

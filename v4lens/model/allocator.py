@@ -9,6 +9,11 @@ was page faults) and 1.10x at 8k, for 6% / 15% more peak memory (a heap reused b
 fragments). The trim threshold (256 MiB) hands a free heap top larger than that back to the kernel.
 `HookedV4` applies this when the first model is built (host memory: it matters on a CPU device).
 
+Freed blocks below the top of the heap stay resident, though: after the blocks of a long forward the heap
+holds up to ~2 GiB of freed temporaries (mini-3b at 8k tokens). `release_free_memory` hands those pages
+back (glibc's `malloc_trim`); the logits head calls it before it allocates a large output, so the fp32
+logits of a long input (4 GiB at 8k) do not sit on top of them.
+
 Opt out with the environment variable `V4LENS_MALLOC=default` (set before the first model is built), or
 choose the values with `V4LENS_MALLOC=<mmap bytes>,<trim bytes>`. Only glibc (Linux) is tuned; elsewhere
 nothing happens.
@@ -25,6 +30,7 @@ import sys
 MMAP_THRESHOLD = 1 << 30
 TRIM_THRESHOLD = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameter numbers (malloc.h)
+
 
 @functools.cache
 def tune_cpu_allocator() -> tuple[int, int] | str:
@@ -43,6 +49,30 @@ def _apply(setting: str) -> tuple[int, int] | str:
             raise ValueError(f"V4LENS_MALLOC={setting!r}: give 'default' or '<mmap bytes>,<trim bytes>'") from None
     else:
         mmap, trim = MMAP_THRESHOLD, TRIM_THRESHOLD
+    libc = _glibc()
+    if isinstance(libc, str):
+        return libc
+    mallopt = libc.mallopt
+    if not (mallopt(_M_MMAP_THRESHOLD, min(mmap, 2**31 - 1)) and mallopt(_M_TRIM_THRESHOLD, min(trim, 2**31 - 1))):
+        return "mallopt refused the thresholds"
+    return (mmap, trim)
+
+
+def release_free_memory() -> bool:
+    """Hand the free pages inside the heap back to the kernel (glibc's `malloc_trim(0)`); True if any were.
+
+    Only where `tune_cpu_allocator` raised the thresholds (with glibc's defaults large blocks are unmapped
+    on free anyway). It costs a walk over the free blocks (milliseconds) and, for the next forward, fresh
+    page faults where those blocks are used again, so call it before a large allocation, not per op.
+    """
+    if not isinstance(tune_cpu_allocator(), tuple):
+        return False
+    return bool(_glibc().malloc_trim(0))
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | str:
+    """The C library if it is glibc, else why not."""
     if not sys.platform.startswith("linux"):
         return f"not glibc ({sys.platform})"
     try:
@@ -51,7 +81,4 @@ def _apply(setting: str) -> tuple[int, int] | str:
         return "no C library found"
     if not hasattr(libc, "gnu_get_libc_version"):  # musl's mallopt is a stub that ignores the values
         return "not glibc"
-    mallopt = libc.mallopt
-    if not (mallopt(_M_MMAP_THRESHOLD, min(mmap, 2**31 - 1)) and mallopt(_M_TRIM_THRESHOLD, min(trim, 2**31 - 1))):
-        return "mallopt refused the thresholds"
-    return (mmap, trim)
+    return libc
