@@ -194,3 +194,52 @@ def test_compressor_skips_pooling_when_no_window_completes_and_no_hook_looks(mon
         pooled.clear()
         model(tokens[:, 38:40], past_kv_cache=cache)  # position 39 completes a window of 4
         assert 1 in pooled
+
+
+def test_expert_product_rows_are_few_sizes_per_octave():
+    """bf16 CPU expert products run on rounded row counts (few distinct shapes for oneDNN's caches),
+    at most 1/16 more rows; fp32 and small counts run on exactly their tokens."""
+    from v4lens.model.moe import product_rows
+
+    bf16, fp32 = torch.empty(0, dtype=torch.bfloat16), torch.empty(0)
+    assert [product_rows(c, bf16) for c in range(1, 32)] == list(range(1, 32))
+    assert all(product_rows(c, fp32) == c for c in range(1, 5000))
+    for low in (32, 64, 1024, 4096):
+        rows = [product_rows(c, bf16) for c in range(low, 2 * low)]
+        assert all(c <= r <= c * 17 / 16 for c, r in zip(range(low, 2 * low), rows, strict=True))
+        assert len(set(rows) - {2 * low}) == 16  # (2 * low is the next octave's first size)
+    assert product_rows(1985, bf16) == 2048 and product_rows(2000, bf16) == 2048 and product_rows(2049, bf16) == 2176
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("per_slot", [False, True])
+def test_rounded_expert_rows_give_the_exact_products(monkeypatch, threads, per_slot):
+    """The extra rows of a rounded expert product change nothing: bf16 expert outputs (mini-3b's
+    widths, hundreds of tokens per expert) equal those computed on exactly each expert's tokens."""
+    from types import SimpleNamespace
+
+    import v4lens.model.moe as moe
+
+    cfg = SimpleNamespace(n_routed_experts=4, moe_inter_dim=512, d_model=1536, dtype=torch.bfloat16, swiglu_limit=10.0)
+    gen = torch.Generator().manual_seed(0)
+    experts = moe.Experts(cfg)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.03)
+    N = 603
+    x = torch.randn(N, cfg.d_model, generator=gen).to(torch.bfloat16)
+    ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(N)])
+    ids[::50, 1] = -1  # some empty slots
+    weights = torch.rand(N, 2, generator=gen)
+    counts = torch.bincount(ids[ids >= 0], minlength=4).tolist()
+    assert any(moe.product_rows(c, x) > c for c in counts)  # the rounding really happens here
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            rounded = experts(x, ids, weights, per_slot=per_slot)
+            monkeypatch.setattr(moe, "product_rows", lambda count, x: count)
+            exact = experts(x, ids, weights, per_slot=per_slot)
+    finally:
+        torch.set_num_threads(before)
+    assert rounded.dtype == exact.dtype and torch.equal(rounded, exact)
