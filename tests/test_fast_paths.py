@@ -218,7 +218,7 @@ def test_rounded_expert_rows_give_the_exact_products(monkeypatch, threads, per_s
     widths, hundreds of tokens per expert) equal those computed on exactly each expert's tokens."""
     from types import SimpleNamespace
 
-    import v4lens.model.moe as moe
+    from v4lens.model import moe
 
     cfg = SimpleNamespace(n_routed_experts=4, moe_inter_dim=512, d_model=1536, dtype=torch.bfloat16, swiglu_limit=10.0)
     gen = torch.Generator().manual_seed(0)
