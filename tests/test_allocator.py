@@ -105,3 +105,19 @@ def test_release_free_memory_hands_freed_heap_blocks_back():
 def test_release_free_memory_leaves_glibc_alone_when_not_tuned(monkeypatch):
     monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: "V4LENS_MALLOC=default")
     assert allocator.release_free_memory() is False
+    assert allocator.release_free_memory(before_allocating=1 << 40) is False
+
+
+def test_release_before_an_allocation_only_from_the_mmap_threshold_in_force(monkeypatch):
+    """before_allocating=n releases only when a block of n bytes reaches the applied mmap threshold
+    (a user's V4LENS_MALLOC value included; glibc caps the threshold below 2 GiB)."""
+    from types import SimpleNamespace
+
+    trims = []
+    monkeypatch.setattr(allocator, "_glibc", lambda: SimpleNamespace(malloc_trim=lambda pad: trims.append(pad) or 1))
+    monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: (64 << 20, 256 << 20))
+    assert allocator.release_free_memory(before_allocating=(64 << 20) - 1) is False and trims == []
+    assert allocator.release_free_memory(before_allocating=64 << 20) is True and trims == [0]
+    assert allocator.release_free_memory() is True and len(trims) == 2  # no size given: always
+    monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: (8 << 30, 256 << 20))
+    assert allocator.release_free_memory(before_allocating=4 << 30) is True and len(trims) == 3

@@ -269,26 +269,30 @@ def test_concurrent_bf16_heads_restore_the_precision_flag():
 
 
 def test_large_logits_first_release_the_heap(monkeypatch):
-    """The head hands the heap's freed temporaries back before allocating large logits (bf16 and fp32
-    tables, a CPU model's forward and the MTP head), and not for small ones (a decoding step)."""
-    from v4lens.model import head
+    """The head hands the heap's freed temporaries back before allocating logits that reach the mmap
+    threshold in force (bf16 and fp32 tables, a CPU model's forward and the MTP head), and not for
+    smaller ones (a decoding step); the logits are the same either way."""
+    from types import SimpleNamespace
+
+    from v4lens.model import allocator
 
     calls = []
-    monkeypatch.setattr(head, "release_free_memory", lambda: calls.append(1) or True)
-    monkeypatch.setattr(head, "RELEASE_BEFORE_BYTES", 10 * 256 * 4)  # ten positions of a 256-token vocabulary
+    monkeypatch.setattr(allocator, "_glibc", lambda: SimpleNamespace(malloc_trim=lambda pad: calls.append(pad) or 1))
+    ten_positions = 10 * 256 * 4  # fp32 logits of ten positions of a 256-token vocabulary
+    monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: (ten_positions, allocator.TRIM_THRESHOLD))
     for dtype in (torch.float32, torch.bfloat16):
         model = v4lens.load("tiny", d_vocab=256, seed=0, dtype=dtype)
         tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
         calls.clear()
         with torch.inference_mode():
             logits = model(tokens)
-            assert len(calls) == 1
+            assert calls == [0]
             model(tokens[:, :9])  # 9 positions: below the threshold
             assert len(calls) == 1
             model(tokens, mtp=True)
             assert len(calls) == 3  # the main head and the MTP head
-        monkeypatch.setattr(head, "RELEASE_BEFORE_BYTES", 1 << 62)
+        monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: (1 << 40, allocator.TRIM_THRESHOLD))
         with torch.inference_mode():
             assert torch.equal(model(tokens), logits)  # values unchanged, nothing released
-        monkeypatch.setattr(head, "RELEASE_BEFORE_BYTES", 10 * 256 * 4)
+        monkeypatch.setattr(allocator, "tune_cpu_allocator", lambda: (ten_positions, allocator.TRIM_THRESHOLD))
         assert len(calls) == 3

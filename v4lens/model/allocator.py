@@ -58,14 +58,20 @@ def _apply(setting: str) -> tuple[int, int] | str:
     return (mmap, trim)
 
 
-def release_free_memory() -> bool:
+def release_free_memory(before_allocating: int | None = None) -> bool:
     """Hand the free pages inside the heap back to the kernel (glibc's `malloc_trim(0)`); True if any were.
 
     Only where `tune_cpu_allocator` raised the thresholds (with glibc's defaults large blocks are unmapped
     on free anyway). It costs a walk over the free blocks (milliseconds) and, for the next forward, fresh
     page faults where those blocks are used again, so call it before a large allocation, not per op.
+    With `before_allocating=nbytes`, only if a block of that size reaches the mmap threshold in force: such
+    a block gets fresh pages anyway, so the release costs it nothing (a smaller one would reuse the freed
+    pages, already faulted in).
     """
-    if not isinstance(tune_cpu_allocator(), tuple):
+    tuned = tune_cpu_allocator()
+    if not isinstance(tuned, tuple):
+        return False
+    if before_allocating is not None and before_allocating < min(tuned[0], 2**31 - 1):
         return False
     return bool(_glibc().malloc_trim(0))
 
