@@ -110,12 +110,16 @@ def run_worker(spec: dict) -> None:
                 return out[:, toks.shape[1] :], None
         else:
             extra = {"speculative": True} if job == "v4lens-spec" else {}
+            if job == "v4lens-compiled":
+                model.set_compiled_head(True)  # compiled in the warm-up below
 
             def generate(toks, n):
                 r = model.generate(toks, max_new_tokens=n, stop_at_eos=False, return_type="generation", **extra)
                 return r.new_tokens, getattr(r, "mtp_acceptance", None)
 
+        t_warm = time.perf_counter()
         generate(warm, 2)  # warm-up: a prefill and one decode step on a short prompt
+        warmup_s = time.perf_counter() - t_warm
         # when each forward starts: the decode steps of one generate are timed from the second one on
         starts: list[float] = []
 
@@ -124,7 +128,7 @@ def run_worker(spec: dict) -> None:
                 sync()  # the prefill's work is done before the steps' clock starts (CUDA)
             starts.append(time.perf_counter())
 
-        if job in ("v4lens", "hf"):  # (a speculative round is not one forward per token)
+        if job in ("v4lens", "v4lens-compiled", "hf"):  # (a speculative round is not one forward per token)
             (hf if job == "hf" else model).register_forward_pre_hook(mark)
 
         sync()
@@ -132,7 +136,7 @@ def run_worker(spec: dict) -> None:
         bf._malloc_trim()
         base_mem = torch.cuda.memory_allocated() if cuda else bf._proc_status("VmRSS")
         bf._emit("loaded", load_s=load_s, base_mem=base_mem, parity=parity, mem_method=probe.method,
-                 threads=torch.get_num_threads())  # fmt: skip
+                 threads=torch.get_num_threads(), warmup_s=warmup_s)  # fmt: skip
 
         for r in range(spec["repeat"]):
             for n in (1, n_new) if r % 2 == 0 else (n_new, 1):
@@ -172,7 +176,7 @@ def build_jobs(args) -> list[dict]:
     for dtype in args.dtypes:
         for length in args.prompt_lengths:
             base = dict(common, dtype=dtype, length=length)
-            pair = [dict(base, job="v4lens")]
+            pair = [dict(base, job="v4lens")] + ([dict(base, job="v4lens-compiled")] if args.compiled_head else [])
             if args.hf:
                 if args.hf_max_len and length > args.hf_max_len:
                     pair.append(dict(base, job="hf", skip=f"skipped (> --hf-max-len {args.hf_max_len})"))
@@ -213,6 +217,8 @@ def summarise(job: dict, args) -> dict:
     acc = [e["acceptance"] for e in runs if e.get("acceptance") is not None]
     out["acceptance"] = sum(acc) / len(acc) if acc else None
     out["n_generated"] = runs[0]["n_generated"] if runs else None
+    loaded = next((e for e in events if e["kind"] == "loaded"), None)
+    out["warmup_s"] = loaded.get("warmup_s") if loaded else None
     t1, tn = bf._get(out, "prefill", "time_s"), bf._get(out, "generate", "time_s")
     steps = args.batch * (args.new_tokens - 1)
     timed = [e["steps_s"] for e in runs if "steps_s" in e]
@@ -327,6 +333,8 @@ def render(report: dict) -> str:
                 cells.append(_match_cell(report["matches"][f"{dtype}/{n}"]["hf"]))
             L.append("| " + " | ".join(cells) + " |")
         L.append("")
+        if args.get("compiled_head"):
+            L += _compiled_head_table(report, dtype)
         if args["speculative"]:
             L.append(
                 f"### v4lens speculative decoding (MTP drafts, `generate(speculative=True)`, {n_new} new tokens)\n"
@@ -362,6 +370,28 @@ def render(report: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def _compiled_head_table(report: dict, dtype: str) -> list[str]:
+    """The compiled one-row head (`set_compiled_head`) against the eager head, same run."""
+    args, S = report["args"], report["summary"]
+    L = ["### v4lens with the compiled one-row head (`model.set_compiled_head(True)`)\n"]
+    cols = ["prompt len", "eager head: decode tok/s", "compiled head: decode tok/s", "speed-up (compiled ÷ eager)",
+            "compiled ÷ HF tok/s", "compiled % of bandwidth bound", "warm-up (s), compiled / eager",
+            "same greedy tokens as the eager head"]  # fmt: skip
+    L += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    for n in args["prompt_lengths"]:
+        row = S[f"{dtype}/{n}"]
+        v4, co, hf = (row.get(k) or {} for k in ("v4lens", "v4lens-compiled", "hf"))
+        warm = " / ".join("—" if s.get("warmup_s") is None else f"{s['warmup_s']:.1f}" for s in (co, v4))
+        L.append(
+            f"| {n} | {_decode_cell(v4, 'rate')} | {_decode_cell(co, 'rate')} "
+            f"| {bf._ratio_cell(co.get('decode_rate'), v4.get('decode_rate'))} "
+            f"| {bf._ratio_cell(co.get('decode_rate'), hf.get('decode_rate'))} "
+            f"| {_bandwidth_cell(report, dtype, n, co or None)} | {warm} "
+            f"| {_match_cell(report['matches'][f'{dtype}/{n}']['compiled'])} |"
+        )
+    return [*L, ""]
+
+
 # ============================================================================ main
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -385,6 +415,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-max-len", type=int, help="skip transformers above this prompt length")
     p.add_argument("--speculative", action="store_true",
                    help="also time v4lens generate(speculative=True) (MTP speculative decoding)")  # fmt: skip
+    p.add_argument("--compiled-head", action="store_true",
+                   help="also run v4lens with `set_compiled_head(True)` (alongside the eager head, same rounds)")  # fmt: skip
     p.add_argument("--check-len", type=int, default=256,
                    help="--device cuda: tokens of the CUDA-vs-CPU logits check (default 256)")  # fmt: skip
     p.add_argument("--no-device-check", action="store_true", help="--device cuda: skip the CUDA-vs-CPU logits check")
@@ -429,6 +461,7 @@ def main(argv=None) -> int:
         matches[key] = {
             "hf": token_match(v4, (row.get("hf") or {}).get("tokens"), args.new_tokens),
             "spec": token_match(v4, (row.get("v4lens-spec") or {}).get("tokens"), args.new_tokens),
+            "compiled": token_match(v4, (row.get("v4lens-compiled") or {}).get("tokens"), args.new_tokens),
         }
     report = bf.base_report(args, cfg, results, summary, device_check, t_start) | {
         "matches": matches, "roofline": bf.roofline_results(results), "decode_bytes": decode_bytes(args, cfg),

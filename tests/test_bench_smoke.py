@@ -53,3 +53,11 @@ def test_bench_decode_rounds_alternate_and_merge():
     assert [e["time_s"] for e in by_job["hf"]["events"] if e["kind"] == "run"] == [5.0, 4.0]
     assert [e["kind"] for e in by_job["v4lens"]["events"]] == ["loaded", "run", "done", "run"]
     assert by_job["v4lens"]["status"] == "timeout" and by_job["hf"]["status"] == "ok"
+
+
+def test_bench_decode_compiled_head_runs_in_every_round_next_to_the_eager_head():
+    bd = _bench_decode()
+    args = bd.parse_args(["--preset", "tiny", "--prompt-lengths", "16", "--rounds", "2", "--compiled-head"])
+    jobs = [j["job"] for j in bd.build_jobs(args) if j["job"] != "roofline"]
+    assert jobs == ["v4lens", "v4lens-compiled", "hf", "hf", "v4lens-compiled", "v4lens"]
+    assert "v4lens-compiled" not in [j["job"] for j in bd.build_jobs(bd.parse_args(["--preset", "tiny"]))]

@@ -8,7 +8,8 @@ and the MTP blocks on request.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,7 @@ class HookedV4(TransformerLensMethods, HookedRootModule):
         # Stored in the model dtype (checkpoints hold it in bf16); the logits GEMM runs in fp32 as in the reference.
         self.head.weight = param((V, D), cfg.dtype, device)
         self.hook_logits = HookPoint()
+        self.compiled_head = False  # set_compiled_head
         # on a DSpark config n_mtp_layers counts its stages: never build them as April MTP blocks
         n_mtp = cfg.n_mtp_layers if cfg.draft == "mtp" else 0
         self.mtp = nn.ModuleList(MTPBlock(cfg, i, device=device) for i in range(n_mtp))
@@ -268,7 +270,9 @@ class HookedV4(TransformerLensMethods, HookedRootModule):
         if draft or ring:
             main_x = context_vectors(self, taps, past_kv_cache if ring else None)
         if mtp:
-            mtp_logits = run_mtp(self, streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep)
+            mtp_logits = run_mtp(
+                self, streams, tokens, logits, positions, mtp_next_tokens, past_kv_cache, logits_to_keep
+            )
         if past_kv_cache is not None:
             past_kv_cache.length += S
             if mtp:
@@ -279,7 +283,15 @@ class HookedV4(TransformerLensMethods, HookedRootModule):
 
     def _unembed(self, streams: torch.Tensor) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
-        return self.hook_logits(fp32_logits(h, self.head.weight))
+        return self.hook_logits(fp32_logits(h, self.head.weight, compiled=self.compiled_head))
+
+    def set_compiled_head(self, enabled: bool = True) -> None:
+        """Compute one position's fp32 logits (a decoding step's, the main and the MTP head) with a
+        torch.compile'd kernel on CPU bf16 models: the same logits up to fp32 summation order, a mini-3b
+        step ~20% faster; the first step in a process compiles for 3-9 s (v4lens.model.head)."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_compiled_head takes True or False, got {enabled!r}")
+        self.compiled_head = enabled
 
     # ------------------------------------------------------------------ input checks
     def _validate_tokens(self, input, prepend_bos: bool = True, padding_side=None) -> torch.Tensor:

@@ -45,9 +45,9 @@ class MTPBlock(Block):
         x = linear(e, self.e_proj)[:, :, None, :] + F.linear(h, self.h_proj)
         return super().forward(x, positions, None, cache)
 
-    def logits(self, streams: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    def logits(self, streams: torch.Tensor, head: torch.Tensor, compiled: bool = False) -> torch.Tensor:
         h = self.ln_final(self.hc_head(streams))
-        return self.hook_logits(fp32_logits(h, head))
+        return self.hook_logits(fp32_logits(h, head, compiled=compiled))
 
 
 def run_mtp(model, streams, tokens, logits, positions, next_tokens, cache=None, keep: int = 0) -> list[torch.Tensor]:
@@ -72,7 +72,7 @@ def run_mtp(model, streams, tokens, logits, positions, next_tokens, cache=None, 
             stream = block(stream, F.embedding(shifted, model.embed.weight), positions)
         else:
             stream = cached_mtp(model, block, stream, tokens, shifted, positions, cache)
-        prev_logits = block.logits(stream[:, -(keep or S) :], model.head.weight)
+        prev_logits = block.logits(stream[:, -(keep or S) :], model.head.weight, model.compiled_head)
         out.append(prev_logits)
     return out
 
