@@ -227,6 +227,27 @@ def test_bf16_head_gives_fp32_logits_of_the_bf16_values():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
+def test_bf16_head_multiplies_in_bf16_only_for_several_positions(monkeypatch):
+    """Several positions let oneDNN multiply the bf16-valued operands in bf16 (a GEMM twice as fast);
+    one position (a decoding step) keeps the fp32 GEMV, which oneDNN's conversion would slow down."""
+    from v4lens.model import head
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this build")
+    seen = []
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(
+        head.F, "linear", lambda x, w: seen.append(torch.backends.mkldnn.matmul.fp32_precision) or real_linear(x, w)
+    )
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    weight = torch.randn(300, 64).bfloat16()
+    head.fp32_logits(torch.randn(1, 1, 64).bfloat16(), weight, chunk=128)
+    assert seen == [before] * 3
+    seen.clear()
+    head.fp32_logits(torch.randn(1, 2, 64).bfloat16(), weight, chunk=128)
+    assert seen == ["bf16"] * 3 and torch.backends.mkldnn.matmul.fp32_precision == before
+
+
 def test_concurrent_bf16_heads_restore_the_precision_flag():
     """Two threads in the bf16 head at once: the second must not save the first's "bf16" as the value
     to restore (it would restore it after the first left, and every later fp32 product in the process
@@ -237,7 +258,7 @@ def test_concurrent_bf16_heads_restore_the_precision_flag():
     from v4lens.model.head import fp32_logits
 
     before = torch.backends.mkldnn.matmul.fp32_precision
-    h = torch.randn(1, 64).bfloat16()
+    h = torch.randn(2, 64).bfloat16()  # two positions (one position skips the flag)
     weight = torch.randn(100, 64).bfloat16()  # one vocabulary slice
     first_inside, first_may_go, first_done = threading.Event(), threading.Event(), threading.Event()
     real_linear = torch.nn.functional.linear

@@ -21,7 +21,8 @@ def fp32_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int = 1024, compil
     with 4096, and long inputs are unaffected).
     When both operands hold bf16 values (a bf16 model), every product is exact in bf16, so on
     CPU oneDNN may multiply in bf16 while accumulating and writing fp32: the same fp32 logits up
-    to summation order, about twice as fast as an fp32 GEMM.
+    to summation order, about twice as fast as an fp32 GEMM. Not for one position (a decoding step):
+    oneDNN would convert each fp32 slice back to bf16 first, and the plain fp32 GEMV is ~15% faster.
     compiled=True (`HookedV4.set_compiled_head`): one position on CPU with a bf16 table and no autograd runs
     through `_compiled_row_logits`, which reads the table once without an fp32 copy.
     """
@@ -37,7 +38,7 @@ def fp32_logits(h: torch.Tensor, weight: torch.Tensor, chunk: int = 1024, compil
     if weight.dtype == torch.float32:
         return F.linear(h32, weight)
     out = h32.new_empty(h.shape[:-1] + (weight.shape[0],))  # written in place: no second logits tensor
-    exact_in_bf16 = h.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+    exact_in_bf16 = h.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and h.numel() > h.shape[-1]
     with _bf16_products_fp32_sums(h.device, exact_in_bf16):
         for v0 in range(0, weight.shape[0], chunk):
             out[..., v0 : v0 + chunk] = F.linear(h32, weight[v0 : v0 + chunk].float())
