@@ -117,7 +117,9 @@ def test_islands_compute_in_fp32(m16, run16):
     torch.testing.assert_close(cache[p + "attn.compressor.hook_weights"], logits.softmax(2), atol=1e-6, rtol=1e-5)
     # the logits head: fp32 GEMM
     head = m16.head.weight.float()
-    torch.testing.assert_close(cache["hook_logits"], cache["ln_final.hook_normalized"].float() @ head.T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache["hook_logits"], cache["ln_final.hook_normalized"].float() @ head.T, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_stream_mixing_rounds_once(run16):
@@ -149,7 +151,7 @@ def test_bf16_edits_flow_downstream(m16, tokens_2x40):
 
 
 def test_bf16_logits_close_to_fp32(m16, m32, run16, tokens_2x40):
-    l16, _, c16 = run16
+    l16, _, _ = run16
     with torch.no_grad():
         l32, c32 = m32.run_with_cache(tokens_2x40)
     err = (l16 - l32).norm() / l32.norm()
@@ -159,7 +161,7 @@ def test_bf16_logits_close_to_fp32(m16, m32, run16, tokens_2x40):
     # with the fp32 run's discrete decisions (indexer picks, experts) pinned, only rounding is left
     pins = [n for n in c32.cache_dict if n.endswith(("indexer.hook_topk", "mlp.hook_expert_ids"))]
     assert len(pins) == 6
-    hooks = [(n, (lambda v: lambda x, hook: v)(c32[n])) for n in pins]
+    hooks = [(n, lambda x, hook, v=c32[n]: v) for n in pins]
     with torch.no_grad():
         pinned = m16.run_with_hooks(tokens_2x40, fwd_hooks=hooks)
     rel_max = (pinned - l32).abs().max() / l32.abs().max()
@@ -219,7 +221,9 @@ def test_bf16_head_gives_fp32_logits_of_the_bf16_values():
         assert got.dtype == torch.float32 and got.shape == shape
         assert float((got.double() - exact[rows]).abs().max() / exact.abs().max()) < 1e-6  # bf16 output: ~4e-3
     one = fp32_logits(h[3].view(1, 1, -1), weight, chunk=1024)
-    assert one.shape == (1, 1, 5000) and float((one.double().view(-1) - exact[3]).abs().max() / exact.abs().max()) < 1e-6
+    assert (
+        one.shape == (1, 1, 5000) and float((one.double().view(-1) - exact[3]).abs().max() / exact.abs().max()) < 1e-6
+    )
     # with autograd (attribution patching at one position): the gradient reaches h
     h1 = h[3].view(1, 1, -1).float().requires_grad_()
     fp32_logits(h1, weight, chunk=1024)[..., 7].sum().backward()
