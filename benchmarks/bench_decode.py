@@ -321,7 +321,7 @@ def render(report: dict) -> str:
         if args["hf"]:
             cols += ["HF prefill (s)", f"HF total, {n_new} tok (s)", "HF decode tok/s", "HF peak mem",
                      "decode speed-up (v4lens ÷ HF tok/s)", "same greedy tokens (v4lens vs HF)"]  # fmt: skip
-        L += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+        L += _header(cols)
         for n in args["prompt_lengths"]:
             row = S[f"{dtype}/{n}"]
             v4, hf = row.get("v4lens"), row.get("hf")
@@ -342,7 +342,7 @@ def render(report: dict) -> str:
             cols = ["prompt len", "plain decode tok/s", "speculative prefill (s)", "speculative decode tok/s",
                     "speed-up (speculative ÷ plain)", "MTP acceptance", "same tokens as plain greedy",
                     "speculative peak mem"]  # fmt: skip
-            L += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+            L += _header(cols)
             for n in args["prompt_lengths"]:
                 row = S[f"{dtype}/{n}"]
                 v4, sp = row.get("v4lens"), row.get("v4lens-spec")
@@ -370,6 +370,11 @@ def render(report: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def _header(cols: list[str]) -> list[str]:
+    """A markdown table's header and its right-aligned rule."""
+    return ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+
+
 def _compiled_head_table(report: dict, dtype: str) -> list[str]:
     """The compiled one-row head (`set_compiled_head`) against the eager head, same run."""
     args, S = report["args"], report["summary"]
@@ -377,7 +382,7 @@ def _compiled_head_table(report: dict, dtype: str) -> list[str]:
     cols = ["prompt len", "eager head: decode tok/s", "compiled head: decode tok/s", "speed-up (compiled ÷ eager)",
             "compiled ÷ HF tok/s", "compiled % of bandwidth bound", "warm-up (s), compiled / eager",
             "same greedy tokens as the eager head"]  # fmt: skip
-    L += ["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+    L += _header(cols)
     for n in args["prompt_lengths"]:
         row = S[f"{dtype}/{n}"]
         v4, co, hf = (row.get(k) or {} for k in ("v4lens", "v4lens-compiled", "hf"))
