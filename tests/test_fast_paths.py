@@ -196,7 +196,16 @@ def test_compressor_skips_pooling_when_no_window_completes_and_no_hook_looks(mon
         assert 1 in pooled
 
 
-def test_expert_product_rows_are_few_sizes_per_octave():
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Behave as on a CPU with native bf16 products (oneDNN's bf16 kernels), whatever this one has."""
+    from v4lens.model import linear, moe
+
+    monkeypatch.setattr(linear, "native_bf16_products", lambda: True)
+    monkeypatch.setattr(moe, "native_bf16_products", lambda: True)
+
+
+def test_expert_product_rows_are_few_sizes_per_octave(native_bf16):
     """bf16 CPU expert products run on rounded row counts (few distinct shapes for oneDNN's caches),
     at most 1/16 more rows; fp32 and small counts run on exactly their tokens."""
     from v4lens.model.moe import product_rows
@@ -213,7 +222,7 @@ def test_expert_product_rows_are_few_sizes_per_octave():
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("per_slot", [False, True])
-def test_rounded_expert_rows_give_the_exact_products(monkeypatch, threads, per_slot):
+def test_rounded_expert_rows_give_the_exact_products(monkeypatch, native_bf16, threads, per_slot):
     """The extra rows of a rounded expert product change nothing: bf16 expert outputs (mini-3b's
     widths, hundreds of tokens per expert) equal those computed on exactly each expert's tokens."""
     from types import SimpleNamespace
@@ -243,3 +252,12 @@ def test_rounded_expert_rows_give_the_exact_products(monkeypatch, threads, per_s
     finally:
         torch.set_num_threads(before)
     assert rounded.dtype == exact.dtype and torch.equal(rounded, exact)
+
+
+def test_expert_rows_are_not_rounded_without_native_bf16(monkeypatch):
+    """Where the CPU has no bf16 products, they run in fp32 (no oneDNN primitives): no extra rows."""
+    from v4lens.model import moe
+
+    monkeypatch.setattr(moe, "native_bf16_products", lambda: False)
+    bf16 = torch.empty(0, dtype=torch.bfloat16)
+    assert all(moe.product_rows(c, bf16) == c for c in (32, 33, 1985, 2049))

@@ -23,7 +23,7 @@ from .config import V4Config
 from .guards import tag_candidates
 from .indexer import Indexer, visible_entries
 from .kv_cache import AttentionState, V4KVCache, append_entries
-from .linear import grouped_linear, linear
+from .linear import einsum_in_model_dtype, grouped_linear, linear
 from .norm import RMSNorm
 from .params import fp32_param, is_hooked, param
 from .rope import apply_rope, rope_frequencies
@@ -263,9 +263,9 @@ class Attention(nn.Module):
         """Each head's write into d, [b,S,H,c] -> [b,S,H,D]: exact, both projections are linear,
         so the heads sum to the attention output (up to the order of the additions)."""
         z, wo_a = self._grouped(z)
-        u = torch.einsum("bsgjc,grjc->bsgjr", z, wo_a)
+        u = einsum_in_model_dtype("bsgjc,grjc->bsgjr", z, wo_a)
         wo_b = rearrange(self.wo_b, "d (g r) -> d g r", g=self.cfg.o_groups)
-        return rearrange(torch.einsum("bsgjr,dgr->bsgjd", u, wo_b), "b s g j d -> b s (g j) d")
+        return rearrange(einsum_in_model_dtype("bsgjr,dgr->bsgjd", u, wo_b), "b s g j d -> b s (g j) d")
 
     def _grouped(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # group g = heads g·H/G .. (g+1)·H/G - 1, consecutive; wo_a's rows are group-major

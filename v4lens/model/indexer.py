@@ -15,7 +15,7 @@ from transformer_lens.hook_points import HookPoint
 from .compressor import Compressor
 from .config import V4Config
 from .kv_cache import CompressorState, append_entries
-from .linear import linear
+from .linear import einsum_in_model_dtype, linear
 from .params import is_hooked, param
 from .rope import apply_rope
 
@@ -91,8 +91,9 @@ class Indexer(nn.Module):
             # entries no query of this chunk can see yet would score -inf: skip them (half the
             # work of a long prefill); a hooked score tensor keeps its full width
             width = T if chunk == S else min(T, int(visible[s1 - 1]))
-            dots = torch.einsum("bshc,btc->bsht", q[:, s0:s1], keys[:, :width])  # model dtype, like the reference
-            scores = torch.einsum("bsh,bsht->bst", alpha[:, s0:s1], torch.relu(dots)).float()
+            # in the model dtype, like the reference
+            dots = einsum_in_model_dtype("bshc,btc->bsht", q[:, s0:s1], keys[:, :width])
+            scores = einsum_in_model_dtype("bsh,bsht->bst", alpha[:, s0:s1], torch.relu(dots)).float()
             future = torch.arange(width, device=x.device)[None, :] >= visible[s0:s1, None]  # [s,width]
             scores = self.hook_scores(scores.masked_fill(future, float("-inf")))
             top = topk_lowest_index_first(scores, min(k, width))

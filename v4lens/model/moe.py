@@ -16,7 +16,7 @@ from torch import nn
 from transformer_lens.hook_points import HookPoint
 
 from .config import V4Config
-from .linear import linear
+from .linear import linear, native_bf16_products
 from .params import fp32_param, param
 
 
@@ -38,9 +38,10 @@ def product_rows(count: int, x: torch.Tensor) -> int:
     in each of two caches) and builds a new one for each new shape (~0.3-1.5 ms). Each expert's token
     count is a new shape: one 8k-token forward of mini-3b left ~900 of them, 0.53 GiB. Rounded counts
     repeat across experts, layers and input lengths. The extra rows are computed and dropped; oneDNN
-    computes each row of a product on its own, so the kept rows are bit-identical (tested).
+    computes each row of a product on its own, so the kept rows are bit-identical (tested). A CPU
+    without native bf16 products multiplies in fp32 instead (linear.py), with no oneDNN primitives.
     """
-    if count < 32 or x.dtype != torch.bfloat16 or x.device.type != "cpu":
+    if count < 32 or x.dtype != torch.bfloat16 or x.device.type != "cpu" or not native_bf16_products():
         return count
     step = 1 << (count.bit_length() - 5)
     return -(-count // step) * step

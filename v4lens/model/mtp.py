@@ -42,7 +42,7 @@ class MTPBlock(Block):
         """streams [b,S,n,d] (previous depth's final streams), next_embed [b,S,d] -> this block's streams."""
         e = self.hook_embed(self.enorm(next_embed))
         h = self.hook_hidden(self.hnorm(streams))
-        x = linear(e, self.e_proj)[:, :, None, :] + F.linear(h, self.h_proj)
+        x = linear(e, self.e_proj)[:, :, None, :] + linear(h, self.h_proj)
         return super().forward(x, positions, None, cache)
 
     def logits(self, streams: torch.Tensor, head: torch.Tensor, compiled: bool = False) -> torch.Tensor:
