@@ -448,11 +448,13 @@ def roofline_worker(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
+    route = None
     if spec["measure"] == "matmul":
         value = roofline.matmul_ceiling(spec["dtype"], spec["device"], threads=spec["threads"])
+        route = roofline.bf16_route(spec["device"]) if spec["dtype"] in ("bf16", "bfloat16") else spec["dtype"]
     else:
         value = roofline.read_bandwidth(spec["device"], threads=spec["threads"])
-    _emit("roofline", measure=spec["measure"], value=value, threads=torch.get_num_threads())
+    _emit("roofline", measure=spec["measure"], value=value, threads=torch.get_num_threads(), route=route)
     _emit("done")
 
 
@@ -467,7 +469,8 @@ def roofline_results(results: list[dict]) -> dict:
         key = spec["dtype"] if spec["measure"] == "matmul" else "bandwidth"
         last = next((x.strip() for x in reversed(r.get("stderr_tail") or []) if x.strip()), "")
         out[key] = {"status": r["status"], "value": ev["value"] if ev else None,
-                    "threads": ev["threads"] if ev else spec["threads"], "why": last[:300]}  # fmt: skip
+                    "threads": ev["threads"] if ev else spec["threads"], "why": last[:300],
+                    "route": (ev or {}).get("route") or key}  # fmt: skip
     return out
 
 
@@ -960,8 +963,9 @@ def roofline_lines(report: dict, kind: str) -> list[str]:
                 f"{threads}, own worker; benchmarks/roofline.py)"
             )
         else:
+            route = "" if r.get("route", key) == key else f" multiplied in {r['route']}, as v4lens does on this CPU"
             out.append(
-                f"- roofline: {key} matmul ceiling {r['value'] / 1e12:.3g} TFLOP/s ({key} 4096³ GEMM, best of 3, "
+                f"- roofline: {key} matmul ceiling {r['value'] / 1e12:.3g} TFLOP/s ({key} 4096³ GEMM{route}, best of 3, "
                 f"{threads}, own worker; benchmarks/roofline.py)"
             )
     if kind == "forward" and report.get("forward_flops"):

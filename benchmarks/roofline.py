@@ -3,7 +3,8 @@
 Two measurements of this machine:
 
 * `matmul_ceiling(dtype, device)`: FLOP/s of one large square GEMM (4096³) in that dtype, the
-  best a dense matmul gets here;
+  best a dense matmul gets here (bf16 on a CPU without native bf16 products: the route v4lens
+  takes there, bf16 operands upcast and multiplied in fp32; `bf16_route()` says which);
 * `read_bandwidth(device)`: bytes/s of streaming through a ~1 GiB bf16 tensor (a `.sum()`,
   which reads every byte once and writes nothing of note).
 
@@ -68,11 +69,22 @@ def matmul_ceiling(dtype, device="cpu", threads: int | None = None, size: int = 
     return 2 * size**3 / seconds
 
 
+def bf16_route(device="cpu") -> str:
+    """How bf16 products run on `device`: "bf16" (native kernels) or "fp32" (v4lens upcasts them:
+    PyTorch's fallback on a CPU without native bf16 products is 6-200x slower; v4lens/model/linear.py)."""
+    from v4lens.model.linear import native_bf16_products
+
+    return "fp32" if torch.device(device).type == "cpu" and not native_bf16_products() else "bf16"
+
+
 def _time_gemm(size: int, dtype: torch.dtype, device: torch.device) -> float:
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
+    if dtype == torch.bfloat16 and bf16_route(device) == "fp32":  # as v4lens multiplies them: in fp32, rounded once
+        with torch.inference_mode():
+            return _best_of(lambda: out.copy_(torch.mm(a.float(), b.float())), device)
     with torch.inference_mode():
         return _best_of(lambda: torch.mm(a, b, out=out), device)
 

@@ -156,3 +156,17 @@ def test_measurements_are_positive_rates():
     """The probes themselves, on sizes small enough for a test (the benchmarks use the defaults)."""
     assert roofline.matmul_ceiling("bf16", "cpu", threads=1, size=128) > 1e6
     assert roofline.read_bandwidth("cpu", threads=1, nbytes=2**20) > 1e6
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_ceiling_times_the_route_v4lens_takes(monkeypatch, native):
+    """On a CPU without native bf16 products the bf16 ceiling is an fp32 GEMM of the upcast operands
+    (v4lens's route there), not PyTorch's slow bf16 fallback; with them, a bf16 GEMM."""
+    from v4lens.model import linear
+
+    monkeypatch.setattr(linear, "native_bf16_products", lambda: native)
+    seen, real_mm = [], torch.mm
+    monkeypatch.setattr(roofline.torch, "mm", lambda a, b, **kw: seen.append(a.dtype) or real_mm(a, b, **kw))
+    assert roofline.bf16_route("cpu") == ("bf16" if native else "fp32")
+    assert roofline.matmul_ceiling("bf16", "cpu", threads=1, size=64) > 1e6
+    assert set(seen) == {torch.bfloat16 if native else torch.float32}
