@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-python -m pytest -q
+python -m pytest -q -n 2 --dist worksteal  # two workers, one core each (tests/conftest.py)
 bash scripts/test_saelens.sh

@@ -57,3 +57,16 @@ def perturb(model, seed: int, scale: float = 0.05):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
     return model
+
+
+# ---------------------------------------------------------------- parallel runs (pytest -n N, pytest-xdist)
+def pytest_configure(config):
+    """Under pytest-xdist, each of the N workers takes its share of the cores (torch threads and the
+    OMP_NUM_THREADS its subprocesses inherit), so N workers never oversubscribe the machine."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)

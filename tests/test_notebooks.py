@@ -4,12 +4,12 @@ Every `notebooks/*.ipynb` runs in a fresh "python3" kernel (nbclient) with noteb
 working directory; a cell that raises fails the test with the cell's traceback. Files a notebook
 writes go to a temporary folder (`$V4LENS_NOTEBOOK_OUT`), never into the repository.
 
-Times on this project's 2-core machine (with another job on the cores): 01 ≈ 10–20 s, 02–04 ≈ 5–8 s
-each, 06 ≈ 14 s (it exports PNGs through Chromium when one exists), and the heavy one, 07 (mini-3b:
-3.2B parameters in bf16, a 2,048-token forward, ~10 GB peak RAM) ≈ 50–90 s; 08 (DSpark) ≈ 20 s, 09 (probes and an SAE) ≈ 12 s, 10 (an agentic transcript, on tiny) ≈ 9 s.
-10 (an agentic transcript; run here on `tiny` through `V4LENS_NOTEBOOK_MODEL`, its default is mini-3b) ≈ 15 s. CI runs 07 too; it is
-skipped (with a reason) only where less than 12 GB of memory is free. Deselect it locally with
-`pytest tests/test_notebooks.py -k "not mini3b"`.
+Times on this project's 2-core machine (one worker of two, one core): 01-04 ≈ 8-10 s each, 05 ≈ 15 s,
+06 ≈ 13 s (it exports PNGs through Chromium when one exists), 08 (DSpark) ≈ 25 s, 09 (probes and an SAE)
+≈ 15 s, 10 (an agentic transcript; run here on `tiny` through `V4LENS_NOTEBOOK_MODEL`, its default is
+mini-3b) ≈ 9 s, and the heavy one, 07 (mini-3b: 3.2B parameters in bf16, a 2,048-token forward, ~10 GB
+peak RAM) ≈ 70-100 s. CI runs 07 too; it is skipped (with a reason) only where less than 12 GB of
+memory is free. Deselect it locally with `pytest tests/test_notebooks.py -k "not mini3b"`.
 """
 
 from __future__ import annotations
