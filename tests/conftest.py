@@ -28,7 +28,6 @@ def tokens_2x40():
     return torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1234))
 
 
-
 @pytest.fixture(scope="module")
 def single_thread():
     """Run a module's tiny-model tests on one intra-op thread (restored afterwards).
