@@ -71,7 +71,7 @@ def matmul_ceiling(dtype, device="cpu", threads: int | None = None, size: int = 
 
 def bf16_route(device="cpu") -> str:
     """How bf16 products run on `device`: "bf16" (native kernels) or "fp32" (v4lens upcasts them:
-    PyTorch's fallback on a CPU without native bf16 products is 6-200x slower; v4lens/model/linear.py)."""
+    PyTorch's fallback on a CPU without native bf16 products is 6-270x slower; v4lens/model/linear.py)."""
     from v4lens.model.linear import native_bf16_products
 
     return "fp32" if torch.device(device).type == "cpu" and not native_bf16_products() else "bf16"

@@ -10,7 +10,7 @@ values exactly and accumulate in fp32; they may round the last bit of an output 
 
 Without native bf16 products in the CPU (no AVX-512 / AMX: e.g. AMD before Zen 4, most laptops),
 PyTorch has no fast bf16 kernel at all: its fallback runs a row at a time at a few GFLOP/s, 6x
-(a 256-token projection) to 200x (a 2048² square) slower than an fp32 GEMM. There, products of
+(a 256-token projection) to 270x (a 2048³ GEMM) slower than an fp32 GEMM. There, products of
 `UPCAST_MIN_ROWS` or more rows upcast both operands to fp32 (exact), multiply in fp32 and round
 the result to bf16 once: the same values up to summation order, as any bf16 kernel gives. The
 weight is upcast a slice of output rows at a time (`UPCAST_SLICE_BYTES`), so no fp32 copy of a
