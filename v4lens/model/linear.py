@@ -49,14 +49,12 @@ def native_bf16_products() -> bool:
         return True
 
 
+def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+
+
 def _upcast_bf16(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    return (
-        rows >= UPCAST_MIN_ROWS
-        and x.device.type == "cpu"
-        and weight.dtype == torch.bfloat16
-        and x.dtype == torch.bfloat16
-        and not native_bf16_products()
-    )
+    return rows >= UPCAST_MIN_ROWS and _bf16_on_cpu(x, weight) and not native_bf16_products()
 
 
 def _linear_via_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -73,14 +71,13 @@ def _linear_via_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 def einsum_in_model_dtype(equation: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.einsum of two same-dtype operands, the result in that dtype; on a CPU without native
     bf16 products, computed in fp32 and rounded once (see the module docstring)."""
-    bf16_on_cpu = a.dtype == torch.bfloat16 and b.dtype == torch.bfloat16 and a.device.type == "cpu"
-    if bf16_on_cpu and not native_bf16_products():
+    if _bf16_on_cpu(a, b) and not native_bf16_products():
         return torch.einsum(equation, a.float(), b.float()).to(a.dtype)
     return torch.einsum(equation, a, b)
 
 
 def _one_bf16_row(x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
-    return rows == 1 and x.device.type == "cpu" and weight.dtype == torch.bfloat16 and x.dtype == torch.bfloat16
+    return rows == 1 and _bf16_on_cpu(x, weight)
 
 
 def _without_onednn(fn, *args):
@@ -109,5 +106,5 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if _one_bf16_row(x, weight, x.shape[0] * x.shape[1]):
         return _without_onednn(torch.einsum, "bsgk,grk->bsgr", x, weight)
     if _upcast_bf16(x, weight, x.shape[0] * x.shape[1]):
-        return torch.einsum("bsgk,grk->bsgr", x.float(), weight.float()).to(x.dtype)
+        return einsum_in_model_dtype("bsgk,grk->bsgr", x, weight)
     return torch.einsum("bsgk,grk->bsgr", x, weight)
