@@ -43,7 +43,11 @@ Roofline (benchmarks/roofline.py): a separate worker, with the model workers' th
 this machine's read bandwidth (`.sum()` of a 1 GiB bf16 tensor); each v4lens row then reports
 the share of that bound a decode step reaches: (bytes per step ÷ bandwidth) ÷ (seconds per step),
 with `roofline.decode_bytes_per_step(cfg, prompt length)`: the weights one token reads (the
-k activated + 1 shared experts, not all of them) and the decoding cache it reads.
+k activated + 1 shared experts, not all of them) and the decoding cache it reads. A second probe
+times the kernel a step's projections run on (`roofline.gemv_rate`: a one-row bf16 product with a
+512 MiB weight); "% of GEMV bound" is the same share against that rate, which is what a step can
+reach with PyTorch's kernels where they are compute-bound (below the bandwidth: a CPU without
+native bf16 products widens every weight to fp32).
 
 On `--device cuda` a separate worker first checks CUDA against CPU logits on the same weights
 (bench_forward.py's check, `--check-len` tokens; tolerances justified there).
@@ -173,6 +177,7 @@ def build_jobs(args) -> list[dict]:
         jobs.append(dict(common, job="device-check", dtype="fp32+bf16", length=args.check_len))
     # the hardware limit the v4lens rows are compared with (the probe tensor is bf16 whatever the model dtype)
     jobs.append(dict(common, job="roofline", measure="bandwidth", dtype="bf16", length=0))
+    jobs.append(dict(common, job="roofline", measure="gemv", dtype="bf16", length=0))
     for dtype in args.dtypes:
         for length in args.prompt_lengths:
             base = dict(common, dtype=dtype, length=length)
@@ -192,12 +197,12 @@ def build_jobs(args) -> list[dict]:
 
 
 def merge_rounds(results: list[dict]) -> list[dict]:
-    """One result per (job, dtype, length): the timed runs of every round together (the best is
+    """One result per (job, dtype, length, roofline measure): the timed runs of every round together (the best is
     reported), everything else from the first round; a round that failed marks the whole job."""
     merged: dict[tuple, dict] = {}
     for r in results:
         s = r["spec"]
-        key = (s["job"], s["dtype"], s["length"])
+        key = (s["job"], s["dtype"], s["length"], s.get("measure"))  # (the roofline probes differ by measure)
         if key not in merged:
             merged[key] = dict(r, events=list(r["events"]))
             continue
@@ -264,9 +269,10 @@ def decode_bytes(args, cfg) -> dict[str, dict[str, float]]:
     }
 
 
-def _bandwidth_cell(report, dtype, n, s):
-    """(bytes per step ÷ bandwidth) ÷ measured seconds per decode step, in per cent."""
-    bandwidth = ((report.get("roofline") or {}).get("bandwidth") or {}).get("value")
+def _bandwidth_cell(report, dtype, n, s, limit: str = "bandwidth"):
+    """(bytes per step ÷ rate) ÷ measured seconds per decode step, in per cent; `limit`: the rate, the read
+    bandwidth ("bandwidth") or the one-row product's ("gemv")."""
+    bandwidth = ((report.get("roofline") or {}).get(limit) or {}).get("value")
     nbytes = (report.get("decode_bytes") or {}).get(dtype, {}).get(str(n))
     seconds = (s or {}).get("decode_s")
     if not (bandwidth and nbytes and seconds and seconds > 0):
@@ -317,7 +323,7 @@ def render(report: dict) -> str:
         title = "v4lens vs transformers" if args["hf"] else "v4lens (transformers skipped)"
         L.append(f"### {title} (greedy, {n_new} new tokens)\n")
         cols = ["prompt len", "v4lens prefill (s)", f"v4lens total, {n_new} tok (s)", "v4lens decode tok/s",
-                "v4lens % of bandwidth bound", "v4lens peak mem"]  # fmt: skip
+                "v4lens % of bandwidth bound", "v4lens % of GEMV bound", "v4lens peak mem"]  # fmt: skip
         if args["hf"]:
             cols += ["HF prefill (s)", f"HF total, {n_new} tok (s)", "HF decode tok/s", "HF peak mem",
                      "decode speed-up (v4lens ÷ HF tok/s)", "same greedy tokens (v4lens vs HF)"]  # fmt: skip
@@ -326,7 +332,8 @@ def render(report: dict) -> str:
             row = S[f"{dtype}/{n}"]
             v4, hf = row.get("v4lens"), row.get("hf")
             cells = [str(n)] + [_decode_cell(v4, w) for w in ("prefill", "total", "rate")]
-            cells += [_bandwidth_cell(report, dtype, n, v4), _decode_cell(v4, "peak")]
+            cells += [_bandwidth_cell(report, dtype, n, v4), _bandwidth_cell(report, dtype, n, v4, "gemv")]
+            cells.append(_decode_cell(v4, "peak"))
             if args["hf"]:
                 cells += [_decode_cell(hf, w) for w in ("prefill", "total", "rate", "peak")]
                 cells.append(bf._ratio_cell((v4 or {}).get("decode_rate"), (hf or {}).get("decode_rate")))

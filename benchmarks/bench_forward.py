@@ -443,7 +443,8 @@ def logits_parity(model, hf, warm) -> dict:
 
 def roofline_worker(spec: dict) -> None:
     """Measure one hardware limit with the model workers' threads, in a process of its own:
-    spec["measure"] "matmul" (FLOP/s of a GEMM in spec["dtype"]) or "bandwidth" (bytes/s read)."""
+    spec["measure"] "matmul" (FLOP/s of a GEMM in spec["dtype"]), "bandwidth" (bytes/s read) or "gemv"
+    (bytes/s of weight read by one-row bf16 products)."""
     import roofline
     import torch
 
@@ -452,6 +453,8 @@ def roofline_worker(spec: dict) -> None:
     if spec["measure"] == "matmul":
         value = roofline.matmul_ceiling(spec["dtype"], spec["device"], threads=spec["threads"])
         route = roofline.bf16_route(spec["device"]) if spec["dtype"] in ("bf16", "bfloat16") else spec["dtype"]
+    elif spec["measure"] == "gemv":
+        value = roofline.gemv_rate(spec["device"], threads=spec["threads"])
     else:
         value = roofline.read_bandwidth(spec["device"], threads=spec["threads"])
     _emit("roofline", measure=spec["measure"], value=value, threads=torch.get_num_threads(), route=route)
@@ -459,14 +462,14 @@ def roofline_worker(spec: dict) -> None:
 
 
 def roofline_results(results: list[dict]) -> dict:
-    """{dtype (matmul ceiling) or "bandwidth": {"status", "value" (None if it failed), "threads", "why"}}."""
+    """{dtype (matmul ceiling), "bandwidth" or "gemv": {"status", "value" (None if it failed), "threads", "why"}}."""
     out = {}
     for r in results:
         spec = r["spec"]
         if spec["job"] != "roofline":
             continue
         ev = next((e for e in r["events"] if e["kind"] == "roofline"), None)
-        key = spec["dtype"] if spec["measure"] == "matmul" else "bandwidth"
+        key = spec["dtype"] if spec["measure"] == "matmul" else spec["measure"]
         last = next((x.strip() for x in reversed(r.get("stderr_tail") or []) if x.strip()), "")
         out[key] = {"status": r["status"], "value": ev["value"] if ev else None,
                     "threads": ev["threads"] if ev else spec["threads"], "why": last[:300],
@@ -960,6 +963,12 @@ def roofline_lines(report: dict, kind: str) -> list[str]:
         elif key == "bandwidth":
             out.append(
                 f"- roofline: read bandwidth {r['value'] / 1e9:.1f} GB/s (`.sum()` of a 1 GiB bf16 tensor, best of 3, "
+                f"{threads}, own worker; benchmarks/roofline.py)"
+            )
+        elif key == "gemv":
+            out.append(
+                f"- roofline: one-row bf16 products read their weight at {r['value'] / 1e9:.1f} GB/s (`v4lens.model.linear"
+                f".linear` of x [1, 4096] with a 512 MiB weight, the kernel a decoding step's projections run on, best of 3, "
                 f"{threads}, own worker; benchmarks/roofline.py)"
             )
         else:

@@ -6,7 +6,11 @@ Two measurements of this machine:
   best a dense matmul gets here (bf16 on a CPU without native bf16 products: the route v4lens
   takes there, bf16 operands upcast and multiplied in fp32; `bf16_route()` says which);
 * `read_bandwidth(device)`: bytes/s of streaming through a ~1 GiB bf16 tensor (a `.sum()`,
-  which reads every byte once and writes nothing of note).
+  which reads every byte once and writes nothing of note);
+* `gemv_rate(device)`: bytes/s of weight that a one-row bf16 product reads (the kernel a decoding
+  step's projections run on, `v4lens.model.linear.linear`). Where that kernel is compute-bound (a
+  CPU without native bf16 products widens every weight to fp32 first) it is below the bandwidth,
+  and it is what a step can reach without a kernel of its own.
 
 Two counts from a `V4Config` (no model is built):
 
@@ -30,6 +34,8 @@ import torch
 
 GEMM_SIZE = 4096  # m = n = k of the ceiling's GEMM: 137 GFLOP, big enough to reach the peak
 READ_BYTES = 2**30  # the bandwidth probe's tensor (bf16)
+GEMV_BYTES = 2**29  # the one-row product probe's bf16 weight: 512 MiB, far beyond any cache
+GEMV_COLS = 4096
 
 
 # ============================================================================ measurements
@@ -111,6 +117,33 @@ def read_bandwidth(device="cpu", threads: int | None = None, nbytes: int = READ_
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return nbytes / seconds
+
+
+def _time_gemv(nbytes: int, device: torch.device) -> float:
+    from v4lens.model.linear import linear
+
+    weight = torch.empty(max(1, nbytes // (2 * GEMV_COLS)), GEMV_COLS, dtype=torch.bfloat16, device=device).fill_(1.0)
+    x = torch.ones(1, GEMV_COLS, dtype=torch.bfloat16, device=device)
+    with torch.inference_mode():
+        return _best_of(lambda: linear(x, weight), device)
+
+
+def gemv_rate(device="cpu", threads: int | None = None, nbytes: int = GEMV_BYTES) -> float:
+    """Bytes/s of weight read by one-row bf16 products: `v4lens.model.linear.linear` of x [1, 4096]
+    with a filled bf16 weight of about `nbytes` ([nbytes / 8192, 4096]), best of 3 after a warm-up;
+    the weight is freed afterwards."""
+    device = torch.device(device)
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    rows = max(1, nbytes // (2 * GEMV_COLS))
+    try:
+        seconds = _time_gemv(nbytes, device)
+    finally:
+        torch.set_num_threads(before)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 2 * rows * GEMV_COLS / seconds
 
 
 # ============================================================================ counts

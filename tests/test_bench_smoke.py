@@ -61,3 +61,27 @@ def test_bench_decode_compiled_head_runs_in_every_round_next_to_the_eager_head()
     jobs = [j["job"] for j in bd.build_jobs(args) if j["job"] != "roofline"]
     assert jobs == ["v4lens", "v4lens-compiled", "hf", "hf", "v4lens-compiled", "v4lens"]
     assert "v4lens-compiled" not in [j["job"] for j in bd.build_jobs(bd.parse_args(["--preset", "tiny"]))]
+
+
+def test_bench_decode_reports_a_step_against_the_bandwidth_and_the_one_row_kernel():
+    """Two probes, two shares: bytes per step ÷ each rate ÷ the measured step time."""
+    bd = _bench_decode()
+    args = bd.parse_args(["--preset", "tiny", "--prompt-lengths", "16"])
+    jobs = bd.build_jobs(args)
+    assert [j["measure"] for j in jobs if j["job"] == "roofline"] == ["bandwidth", "gemv"]
+    probes = [{"spec": j, "status": "ok", "events": []} for j in jobs if j["job"] == "roofline"]
+    assert len(bd.merge_rounds(probes)) == 2  # not merged into one job as rounds of the same probe
+    probe = {"status": "ok", "threads": 2, "why": "", "route": None}
+    report = {
+        "args": {"new_tokens": 11},
+        "decode_bytes": {"bf16": {"16": 2e9}},
+        "roofline": {"bandwidth": dict(probe, value=20e9), "gemv": dict(probe, value=10e9)},
+    }
+    steps = {"decode_s": 10 * 0.5}  # ten steps of 0.5 s: 0.1 s at the bandwidth, 0.2 s at the kernel's rate
+    assert bd._bandwidth_cell(report, "bf16", 16, steps) == bd.bf.fmt_pct(0.2)
+    assert bd._bandwidth_cell(report, "bf16", 16, steps, "gemv") == bd.bf.fmt_pct(0.4)
+    assert bd._bandwidth_cell({**report, "roofline": {"bandwidth": report["roofline"]["bandwidth"]}}, "bf16", 16,
+                              steps, "gemv") == "—"  # fmt: skip
+    lines = bd.bf.roofline_lines(report, "decode")
+    assert any("read bandwidth 20.0 GB/s" in line for line in lines)
+    assert any("one-row bf16 products read their weight at 10.0 GB/s" in line for line in lines)

@@ -156,6 +156,22 @@ def test_measurements_are_positive_rates():
     """The probes themselves, on sizes small enough for a test (the benchmarks use the defaults)."""
     assert roofline.matmul_ceiling("bf16", "cpu", threads=1, size=128) > 1e6
     assert roofline.read_bandwidth("cpu", threads=1, nbytes=2**20) > 1e6
+    assert roofline.gemv_rate("cpu", threads=1, nbytes=2**20) > 1e6
+
+
+def test_gemv_probe_times_the_one_row_product_v4lens_runs(monkeypatch):
+    """The probe goes through v4lens.model.linear.linear with one bf16 row and a weight of the asked size."""
+    from v4lens.model import linear
+
+    seen, real = [], linear.linear
+    monkeypatch.setattr(
+        linear, "linear", lambda x, w: seen.append((tuple(x.shape), tuple(w.shape), w.dtype)) or real(x, w)
+    )
+    rate = roofline.gemv_rate("cpu", threads=1, nbytes=2**21)
+    assert rate > 1e6 and len(seen) == 4  # a warm-up and 3 timed calls
+    assert set(seen) == {
+        ((1, roofline.GEMV_COLS), (2**21 // (2 * roofline.GEMV_COLS), roofline.GEMV_COLS), torch.bfloat16)
+    }
 
 
 @pytest.mark.parametrize("native", [True, False])
