@@ -1,6 +1,6 @@
 """Hardware limits and the work a v4lens forward / decoding step must do, to put measured speeds in context.
 
-Two measurements of this machine:
+Three measurements of this machine:
 
 * `matmul_ceiling(dtype, device)`: FLOP/s of one large square GEMM (4096³) in that dtype, the
   best a dense matmul gets here (bf16 on a CPU without native bf16 products: the route v4lens
@@ -119,10 +119,10 @@ def read_bandwidth(device="cpu", threads: int | None = None, nbytes: int = READ_
     return nbytes / seconds
 
 
-def _time_gemv(nbytes: int, device: torch.device) -> float:
+def _time_gemv(rows: int, device: torch.device) -> float:
     from v4lens.model.linear import linear
 
-    weight = torch.empty(max(1, nbytes // (2 * GEMV_COLS)), GEMV_COLS, dtype=torch.bfloat16, device=device).fill_(1.0)
+    weight = torch.empty(rows, GEMV_COLS, dtype=torch.bfloat16, device=device).fill_(1.0)
     x = torch.ones(1, GEMV_COLS, dtype=torch.bfloat16, device=device)
     with torch.inference_mode():
         return _best_of(lambda: linear(x, weight), device)
@@ -138,7 +138,7 @@ def gemv_rate(device="cpu", threads: int | None = None, nbytes: int = GEMV_BYTES
         torch.set_num_threads(threads)
     rows = max(1, nbytes // (2 * GEMV_COLS))
     try:
-        seconds = _time_gemv(nbytes, device)
+        seconds = _time_gemv(rows, device)  # the weight is freed when it returns
     finally:
         torch.set_num_threads(before)
         if device.type == "cuda":
