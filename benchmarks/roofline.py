@@ -57,22 +57,27 @@ def _best_of(fn, device: torch.device, repeat: int = 3) -> float:
     return best
 
 
+def _timed_alone(time_fn, device: torch.device, threads: int | None, *args) -> float:
+    """Seconds of `time_fn(*args, device)` with torch's intra-op threads set to `threads` (restored
+    afterwards); its tensors are freed when it returns, and on CUDA handed back to the driver."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return time_fn(*args, device)
+    finally:
+        torch.set_num_threads(before)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def matmul_ceiling(dtype, device="cpu", threads: int | None = None, size: int = GEMM_SIZE) -> float:
     """FLOP/s of a [size, size] x [size, size] GEMM in `dtype` (2·size³ FLOPs), best of 3 after a
     warm-up. `threads`: torch's intra-op threads for the measurement (restored afterwards)."""
     from v4lens.model.config import resolve_dtype
 
-    dtype, device = resolve_dtype(dtype), torch.device(device)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        seconds = _time_gemm(size, dtype, device)  # its operands are freed when it returns
-    finally:
-        torch.set_num_threads(before)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return 2 * size**3 / seconds
+    dtype = resolve_dtype(dtype)
+    return 2 * size**3 / _timed_alone(_time_gemm, torch.device(device), threads, size, dtype)
 
 
 def bf16_route(device="cpu") -> str:
@@ -105,18 +110,8 @@ def read_bandwidth(device="cpu", threads: int | None = None, nbytes: int = READ_
     """Bytes/s of reading memory: `.sum()` of a filled bf16 tensor of `nbytes` (each byte read once),
     best of 3 after a warm-up; the tensor is freed afterwards. (Filled, not `torch.empty`: untouched
     pages all map to the kernel's one zero page, which reads from cache.)"""
-    device = torch.device(device)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     nbytes -= nbytes % 2  # whole bf16 elements
-    try:
-        seconds = _time_sum(nbytes, device)  # the tensor is freed when it returns
-    finally:
-        torch.set_num_threads(before)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return nbytes / seconds
+    return nbytes / _timed_alone(_time_sum, torch.device(device), threads, nbytes)
 
 
 def _time_gemv(rows: int, device: torch.device) -> float:
@@ -132,18 +127,8 @@ def gemv_rate(device="cpu", threads: int | None = None, nbytes: int = GEMV_BYTES
     """Bytes/s of weight read by one-row bf16 products: `v4lens.model.linear.linear` of x [1, 4096]
     with a filled bf16 weight of about `nbytes` ([nbytes / 8192, 4096]), best of 3 after a warm-up;
     the weight is freed afterwards."""
-    device = torch.device(device)
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     rows = max(1, nbytes // (2 * GEMV_COLS))
-    try:
-        seconds = _time_gemv(rows, device)  # the weight is freed when it returns
-    finally:
-        torch.set_num_threads(before)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return 2 * rows * GEMV_COLS / seconds
+    return 2 * rows * GEMV_COLS / _timed_alone(_time_gemv, torch.device(device), threads, rows)
 
 
 # ============================================================================ counts
