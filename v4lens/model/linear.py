@@ -103,8 +103,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Group g's input times weight[g]: x [b, s, G, in] x weight [G, out, in] -> [b, s, G, out]."""
-    if _one_bf16_row(x, weight, x.shape[0] * x.shape[1]):
+    rows = x.shape[0] * x.shape[1]
+    if _one_bf16_row(x, weight, rows):
         return _without_onednn(torch.einsum, "bsgk,grk->bsgr", x, weight)
-    if _upcast_bf16(x, weight, x.shape[0] * x.shape[1]):
+    if _upcast_bf16(x, weight, rows):
         return einsum_in_model_dtype("bsgk,grk->bsgr", x, weight)
     return torch.einsum("bsgk,grk->bsgr", x, weight)
