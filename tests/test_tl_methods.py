@@ -178,6 +178,21 @@ def test_set_use_expert_out_after_load_adds_fires_and_removes_the_hooks(tokens_2
     model(tokens_2x40)
 
 
+def test_hook_points_switched_on_take_the_model_s_mode_so_patching_accepts_them(tokens_2x40):
+    model = fresh()  # v4lens.load gives an eval-mode model; a new module would start in training mode
+    model.set_use_attn_result(True)
+    model.set_use_expert_out(True)
+    assert not any(m.training for m in model.modules())
+    clean, corrupted = tokens_2x40[:1], tokens_2x40[1:]
+    _, clean_cache = model.run_with_cache(clean)
+    result = v4lens.patching.get_act_patch_attn_out(model, corrupted, clean_cache, lambda logits: logits[:, -1, 3].sum())
+    assert result.shape == (model.cfg.n_layers, 40)
+    model.set_use_attn_result(False)
+    model.train()
+    model.set_use_attn_result(True)  # and in training mode, training mode
+    assert model.blocks[0].attn.hook_result.training
+
+
 # ---------------------------------------------------------------------- run_with_cache: names_filter, pos_slice
 def test_names_filter_warns_about_hooks_that_did_not_fire(tiny256, tokens_2x40):
     wanted = ["blocks.0.hook_streams_post", "hook_logits", "ln_final.hook_normalized"]

@@ -296,7 +296,9 @@ class TransformerLensMethods:
                     continue
                 if on:
                     # where a model built with the option has it, so hook_dict's order is the same
-                    setattr(module, hook, CheckedHookPoint())
+                    point = CheckedHookPoint()
+                    point.train(module.training)  # a new module starts in training mode; patching refuses that
+                    setattr(module, hook, point)
                     if before is not None:
                         order = list(module._modules)
                         order.remove(hook)
