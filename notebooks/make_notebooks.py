@@ -161,7 +161,7 @@ last = cfg.n_layers - 1
 k = cfg.n_activated_experts
 
 def same_experts(ids, hook):
-    return torch.arange(k).expand_as(ids).clone()  # a new tensor: never edit in place
+    return torch.arange(k, device=ids.device).expand_as(ids).clone()  # a new tensor (never edit in place), on the model's device
 
 with model.hooks(fwd_hooks=[(f"blocks.{last}.mlp.hook_expert_ids", same_experts)]):
     edited, edited_cache = model.run_with_cache(tokens)

@@ -1,4 +1,4 @@
-"""Attribution patching with integrated gradients (issue 16, section 4, third bullet): `atp_*(..., steps=N)`
+"""Attribution patching with integrated gradients: `atp_*(..., steps=N)`
 averages the gradient at N points along the straight path from the corrupted activations to the patch
 (α = 0, 1/N, …, (N−1)/N). steps=1 is plain AtP, unchanged; on a saturating metric, where the gradient at
 the corrupted run is nearly zero and plain AtP is 10–100× off, steps=N comes close to real patching."""

@@ -1,4 +1,4 @@
-"""Sweeps that run several swept indices per forward (issue 16, section 4, third bullet): `batch_size=n`
+"""Sweeps that run several swept indices per forward: `batch_size=n`
 repeats the corrupted batch n times along the batch axis, patches copy k at its own index, and gives
 the values of the one-index-per-forward sweep (up to float rounding); `progress=True` shows a bar."""
 

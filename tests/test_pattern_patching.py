@@ -1,4 +1,4 @@
-"""Attention-pattern patching keyed by candidate (issue 16, section 1, second bullet).
+"""Attention-pattern patching keyed by candidate.
 
 The last axis of `attn.hook_pattern` is each query's candidate slots (`attn.hook_key_index` says which
 key sits in each); on a CSA layer the corrupted run's indexer picks other entries, or the same ones in

@@ -1,4 +1,4 @@
-"""Readable output (issue 16 §5): where an HTML figure gets plotly.js from, long token labels that are
+"""Readable output: where an HTML figure gets plotly.js from, long token labels that are
 not clipped, a short printed summary of a LensResult, and command-line defaults that take seconds."""
 
 from __future__ import annotations
