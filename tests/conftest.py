@@ -54,7 +54,7 @@ def perturb(model, seed: int, scale: float = 0.05):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen).to(p.dtype) * scale)
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device, p.dtype) * scale)  # the same noise on any device
     return model
 
 
