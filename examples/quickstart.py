@@ -13,10 +13,11 @@ import v4lens
 ap = argparse.ArgumentParser()
 ap.add_argument("--model", default="mini-3b")
 ap.add_argument("--dtype", default="bf16")
+ap.add_argument("--device", default=None, help="cpu (default), cuda, ...")
 args = ap.parse_args()
 torch.set_grad_enabled(False)
 
-model = v4lens.load(args.model, dtype=args.dtype)
+model = v4lens.load(args.model, device=args.device, dtype=args.dtype)
 tokens = model.to_tokens("The Eiffel Tower is in the city of")
 logits, cache = model.run_with_cache(tokens)
 print("prediction:", repr(model.to_string(logits[0, -1].argmax())))

@@ -33,9 +33,9 @@ def main(argv=None):
     from v4lens.tasks import VALUE_IDS, recall_batch
 
     model = load_model(args)
-    batch = recall_batch(args.n, generator=torch.Generator().manual_seed(args.seed))
-    tokens, qpos, answer, key_pos = batch["tokens"], batch["query_pos"], batch["answer"], batch["key_pos"]
-    rows = torch.arange(len(tokens))
+    batch = recall_batch(args.n, generator=torch.Generator().manual_seed(args.seed))  # made on the CPU
+    tokens, qpos, answer, key_pos = (batch[k].to(model.device) for k in ("tokens", "query_pos", "answer", "key_pos"))
+    rows = torch.arange(len(tokens), device=model.device)
 
     def accuracy(logits, target):
         return (logits[rows, qpos].argmax(-1) == target).float().mean().item()
@@ -62,7 +62,9 @@ def main(argv=None):
     layer, pos = divmod(int(best), sweep.shape[1])
     print(f"stream patching [layer, pos] {tuple(sweep.shape)}: best cell layer {layer} pos {pos} ({sweep.max():.3f})")
 
-    dec = v4lens.decompose(model, clean_cache, target=(answer, other), positions=[int(qpos[0])], heads=True, experts=True)
+    dec = v4lens.decompose(
+        model, clean_cache, target=(answer, other), positions=[int(qpos[0])], heads=True, experts=True
+    )
     print(f"logit attribution of answer - swapped value at position {int(qpos[0])} (sequence 0):")
     for label, value in dec.top(args.top):
         print(f"  {label:>16s} {value:+.3f}")

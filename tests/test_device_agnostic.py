@@ -5,9 +5,10 @@ marks the tensors that would stay on the host if the model lived on a GPU — th
 (`torch.arange`, `torch.tensor`, `torch.zeros`, ...) makes without `device=`, and `.cpu()` copies —
 follows them through the ops that use only host tensors, and records every op that combines one
 of them with any other tensor (the model's weights and inputs, and whatever was made from them
-or moved with `.to(device)`). On a GPU each such op raises. Exempt, as on CUDA: 0-dim host
-tensors (a CPU scalar joins any device), indexing with host indices, and `copy_` (copies cross
-devices). Each test runs a family of the public API on a tiny model under the mode.
+or moved with `.to(device)`), and every `.numpy()` of such another tensor: on a GPU each raises.
+Exempt, as on CUDA: 0-dim host tensors (a CPU scalar joins any device), indexing with host
+indices, and `copy_` (copies cross devices). Each test runs a family of the public API on a tiny
+model under the mode.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ FACTORIES = {
     torch.empty_strided, torch.scalar_tensor, torch.tril_indices, torch.triu_indices,
 }  # fmt: skip
 CROSS_DEVICE_OK = {"torch.Tensor.__getitem__", "torch.Tensor.__setitem__", "torch.Tensor.copy_"}
+HOST_ONLY = {"torch.Tensor.numpy", "torch.Tensor.__array__"}
 
 
 def _tensors(x):
@@ -82,14 +84,21 @@ class HostTensors(TorchFunctionMode):
         ):
             _mark(out, host=False)  # moved to wherever the model is
             return out
+        if name in HOST_ONLY and inputs and not _is_host(inputs[0]):  # numpy reads host memory only
+            self.mixed.append(f"{name} of a tensor on the model's device at {_site()}")
+            return out
         host = [t for t in inputs if _is_host(t) and t.dim() > 0]
         if host and not all(_is_host(t) for t in inputs) and name not in CROSS_DEVICE_OK:
-            where = [f for f in traceback.extract_stack()[:-1] if "/v4lens/" in f.filename]
-            site = f"{where[-1].filename.split('/v4lens/')[-1]}:{where[-1].lineno}" if where else "(outside v4lens)"
-            self.mixed.append(f"{name} with host {[tuple(t.shape) for t in host]} at {site}")
+            self.mixed.append(f"{name} with host {[tuple(t.shape) for t in host]} at {_site()}")
         if inputs and all(_is_host(t) for t in inputs):
             _mark(out, host=True)
         return out
+
+
+def _site() -> str:
+    """file:line of the innermost v4lens frame calling the op."""
+    where = [f for f in traceback.extract_stack()[:-2] if "/v4lens/" in f.filename]
+    return f"{where[-1].filename.split('/v4lens/')[-1]}:{where[-1].lineno}" if where else "(outside v4lens)"
 
 
 def run_host_checked(*calls) -> list[str]:
@@ -125,6 +134,8 @@ def test_the_check_sees_a_host_tensor_meet_a_weight_and_lets_scalars_moves_and_i
     assert re.fullmatch(rf"torch\.Tensor\.(__)?add(__)? with host \[\(3, {w.shape[1]}\)\] at \(outside v4lens\)", mixed)
     derived = lambda: torch.arange(3).float()[:, None] * 2 + w[:3]  # host-only ops stay host
     assert len(run_host_checked(derived)) == 1
+    (numpy,) = run_host_checked(lambda: w.detach().numpy())
+    assert numpy == "torch.Tensor.numpy of a tensor on the model's device at (outside v4lens)"
     mixed = run_host_checked(
         lambda: w * torch.tensor(2.0),  # a 0-dim CPU tensor joins any device
         lambda: w[torch.tensor([0, 2])],  # host indices
@@ -132,6 +143,7 @@ def test_the_check_sees_a_host_tensor_meet_a_weight_and_lets_scalars_moves_and_i
         lambda: w[:3] + torch.ones(3, w.shape[1], device=w.device),
         lambda: torch.zeros_like(w) + w,
         lambda: torch.ones(4) / torch.ones(4).sum(),  # host with host
+        lambda: w.detach().cpu().numpy(),
     )
     assert mixed == []
 

@@ -23,7 +23,7 @@ SHORT = "The quick brown fox jumps over the lazy dog"
 
 # name -> (arguments after --model tiny, files it must write (relative to the working directory), text in stdout)
 CASES: dict[str, tuple[list[str], list[str], list[str]]] = {
-    "quickstart": (["--dtype", "fp32"], [], ["prediction:", "re-routing layer 3"]),
+    "quickstart": (["--dtype", "fp32", "--device", "cpu"], [], ["prediction:", "re-routing layer 3"]),
     "router_heatmap": (["--layer", "0", "--prompt", SHORT, "--out", "router.html"], ["router.html"],
                        ["hash (tid2eid) routing", "load balance"]),
     "sinkhorn": (["--prompt", SHORT, "--layers", "0,1", "--out", "comb.html", "--convergence", "conv.html"],
