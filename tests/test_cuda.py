@@ -21,7 +21,8 @@ from v4lens import patching
 from v4lens.model.kv_cache import V4KVCache
 
 DEVICE = os.environ.get("V4LENS_TEST_DEVICE", "cuda")
-pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
+KIND = torch.device(DEVICE).type
+pytestmark = pytest.mark.skipif(KIND == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")
 
 DECISIONS = ("hook_expert_ids", "hook_topk", "hook_key_index")
 
@@ -48,7 +49,7 @@ def tokens():
 
 def test_the_seed_builds_the_same_weights_on_the_gpu(models):
     cpu, gpu = models
-    assert all(p.device.type == DEVICE for p in gpu.parameters())
+    assert all(p.device.type == KIND for p in gpu.parameters())
     gpu_weights = gpu.state_dict()
     assert all(torch.equal(t, gpu_weights[name].cpu()) for name, t in cpu.state_dict().items())
 
@@ -57,7 +58,7 @@ def test_forward_hooks_and_decisions_match_the_cpu(models, tokens):
     cpu, gpu = models
     ref_logits, ref = cpu.run_with_cache(tokens)
     logits, cache = gpu.run_with_cache(tokens.to(DEVICE))
-    assert logits.device.type == DEVICE and cache["blocks.1.attn.indexer.hook_topk"].device.type == DEVICE
+    assert logits.device.type == KIND and cache["blocks.1.attn.indexer.hook_topk"].device.type == KIND
     torch.testing.assert_close(logits.cpu(), ref_logits, rtol=1e-4, atol=1e-5)
     for name, want in ref.items():
         if name.endswith(DECISIONS) or not want.is_floating_point():
@@ -105,7 +106,7 @@ def test_hook_edits_and_patching_on_the_gpu(models, tokens):
     torch.testing.assert_close(
         edited.cpu(), cpu.run_with_hooks(clean, fwd_hooks=[(name, reroute)]), rtol=1e-4, atol=1e-5
     )
-    if DEVICE != "cpu":
+    if KIND != "cpu":
         with pytest.raises(ValueError, match="on cpu"):
             gpu.run_with_hooks(clean.to(DEVICE), fwd_hooks=[(name, reroute_on_the_host)])
         assert not gpu.hook_dict[name].fwd_hooks  # nothing left attached
@@ -124,7 +125,7 @@ def test_checkpoints_load_straight_onto_the_gpu_and_bf16_runs(models, tokens, tm
     cpu, _ = models
     cpu.save_pretrained(tmp_path / "ckpt")
     loaded = v4lens.load(tmp_path / "ckpt", device=DEVICE)
-    assert all(p.device.type == DEVICE for p in loaded.parameters())
+    assert all(p.device.type == KIND for p in loaded.parameters())
     torch.testing.assert_close(loaded(tokens.to(DEVICE)).cpu(), cpu(tokens), rtol=1e-4, atol=1e-5)
     # bf16 costs the same on the device as on the CPU (there: ~7% relative, 93% of the argmaxes on tiny)
     ref = cpu(tokens)
