@@ -32,8 +32,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     [ "$name" = env ] || [[ "$STEPS" == *" $name "* ]] || return 0
     echo "== $name (at most ${limit} s): $*"
     local t0=$SECONDS
-    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
-    local rc=$?
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"  # a pipe, so the log is complete when the step returns
+    local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0)) s"
     [ "$rc" = 0 ] || failed+=("$name (exit $rc)")
     return "$rc"
@@ -63,7 +63,7 @@ except ImportError:
     print("  transformers lacks DeepSeek-V4: the benchmarks run v4lens alone")
 PYEOF
 hf=()
-"$PY" -c "from transformers import DeepseekV4ForCausalLM" 2>/dev/null || hf=(--skip-hf)
+grep -q "transformers has DeepSeek-V4" "$OUT/env.log" || hf=(--skip-hf)  # (what the env step found)
 
 step tests 150 env V4LENS_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 step decode 330 "$PY" benchmarks/bench_decode.py --device "$DEVICE" --preset "$PRESET" --dtypes bf16 \
